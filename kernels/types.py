@@ -1,0 +1,44 @@
+"""Small typed containers shared by the references and the fused ops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+class PPOLossStats(NamedTuple):
+    """Diagnostics of one PPO loss evaluation, each a 0-dim tensor: a masked mean over valid tokens (no gradient).
+
+    clip_fraction: share of tokens whose gradient the clip switched off.
+    approx_kl: k3 estimate of KL(pi_old || pi) from the sampled tokens, ``(ratio - 1) - log ratio``.
+    entropy: mean entropy of the current policy at the valid positions.
+    ratio: mean importance ratio pi / pi_old.
+    """
+
+    clip_fraction: torch.Tensor
+    approx_kl: torch.Tensor
+    entropy: torch.Tensor
+    ratio: torch.Tensor
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics of softmax(logits / T) that a forward pass keeps for its backward.
+
+    logp: (N,) log p(target), clamped to <= 0.
+    lse: (N,) log-sum-exp of logits / T.
+    entropy: (N,) entropy of each row, or None when it was not asked for.
+    """
+
+    logp: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+#: Called by a backend's fused forward per chunk of rows as ``coef_fn(rows, logp, entropy) -> (c_lp, c_h)``: the
+#: coefficients of logp(target) and of the entropy in the loss, each (n,) (c_h may be None), from which the backend
+#: writes d loss / d logits for those rows while they are still in cache.
+CoefFn = Callable[[slice, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, "torch.Tensor | None"]]

@@ -1,0 +1,86 @@
+"""Argument checks for the public ops: bad input is a ValueError naming the argument, never a wrong answer or a
+device-side assert inside a kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_logits(name: str, logits: object) -> torch.Tensor:
+    """Checks a (N, V) floating logits matrix and returns it with a unit stride along V (copying only if needed)."""
+    logits = check_tensor(name, logits)
+    if logits.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, V), got {tuple(logits.shape)}; flatten leading dims first")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension (V = 0)")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    return logits
+
+
+def check_same(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor, check_dtype: bool = False) -> None:
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}")
+    if check_dtype and value.dtype != ref.dtype:
+        raise ValueError(f"{name} has dtype {value.dtype} but {ref_name} has {ref.dtype}")
+
+
+def check_vector(name: str, value: object, n: int, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """Checks a (n,) floating or boolean vector on the device of ``like``; returns it contiguous."""
+    value = check_tensor(name, value)
+    if value.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match {like_name}, got {tuple(value.shape)}")
+    check_same(name, value, like_name, like)
+    if value.dtype not in (*FLOAT_DTYPES, torch.bool):
+        raise ValueError(f"{name} must be a floating (or bool) tensor, got {value.dtype}")
+    return value.contiguous()
+
+
+def check_targets(targets: object, logits: torch.Tensor, name: str = "targets") -> torch.Tensor:
+    """Checks (N,) integer token ids in [0, V) on the logits' device; returns them as contiguous int64."""
+    targets = check_tensor(name, targets)
+    n, v = logits.shape
+    if targets.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match logits (N, V) = {tuple(logits.shape)}, "
+                         f"got {tuple(targets.shape)}")  # fmt: skip
+    check_same(name, targets, "logits", logits)
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {targets.dtype}")
+    targets = targets.to(torch.int64).contiguous()
+    if n:
+        bad = ((targets < 0) | (targets >= v)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise ValueError(f"{name}[{i}] = {int(targets[i])} is outside the vocabulary [0, {v}) "
+                             f"({bad.shape[0]} out-of-range ids in all)")  # fmt: skip
+    return targets
+
+
+def check_positive(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
