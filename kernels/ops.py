@@ -8,8 +8,6 @@ with ``inplace=True``, the gradient written into the logits' storage).
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -271,7 +269,9 @@ def _elementwise_pair(name_a: str, a: object, name_b: str, b: object) -> tuple[t
     return a.contiguous(), check_vector(name_b, b, a.shape[0], a, name_a)
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1", backend: str = "auto") -> torch.Tensor:
+def kl_estimate(
+    logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1", backend: str = "auto"
+) -> torch.Tensor:
     """Sample-based per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probs.
 
     With r = ref_logp - logp: k1 = -r (unbiased, may be negative), k2 = r^2 / 2 (biased, low variance),

@@ -18,6 +18,7 @@ from rlhf_kernels.types import CoefFn, RowStats
 #: Elements of one row chunk. 2^18 fp32 elements = 1 MiB per temporary, which stays in a core's L2 cache.
 CHUNK_ELEMENTS = 1 << 18
 
+
 def _row_chunks(n: int, v: int) -> list[slice]:
     rows = max(1, CHUNK_ELEMENTS // max(v, 1))
     return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
