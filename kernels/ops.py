@@ -87,12 +87,16 @@ class _PPOLoss(torch.autograd.Function):
                 c_h[rows] = terms.c_h
             return terms.c_lp, terms.c_h
 
+        # Masked rows get an exactly zero gradient even where their logits are NaN or inf (padding): their
+        # coefficients are 0, but 0 * NaN is NaN, so the rows are cleared after the gradient is written.
+        ctx.invalid_rows = (~valid).nonzero().squeeze(1)
         grad_now = inplace and ctx.needs_input_grad[0]
         ctx.backend, ctx.temperature, ctx.grad_in_logits = backend, temperature, grad_now
         if grad_now:
             # The gradient (for a unit upstream gradient) overwrites the logits: the caller promised they are not
             # needed afterwards, so backward is a no-op or one scale, and no second (N, V) buffer ever exists.
             stats = backend.logprob_forward(logits, targets, ctx.temperature, True, coef_fn, grad_out=logits)
+            logits.index_fill_(0, ctx.invalid_rows, 0.0)
             ctx.save_for_backward(logits)
         else:
             stats = backend.logprob_forward(logits, targets, ctx.temperature, True)
@@ -117,6 +121,7 @@ class _PPOLoss(torch.autograd.Function):
                 logits, targets, lse, entropy, c_lp * grad_loss, c_h * grad_loss if ctx.has_c_h else None,
                 ctx.temperature, grad,
             )  # fmt: skip
+            grad.index_fill_(0, ctx.invalid_rows, 0.0)
         return grad, None, None, None, None, None, None, None, None, None
 
 

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 
+from rlhf_kernels.reference import expm1_minus_x
 from rlhf_kernels.types import KL_ESTIMATORS
 
 
@@ -54,8 +55,7 @@ def kl_estimate_and_grad(
         return -r, torch.ones_like(r)
     if estimator == "k2":
         return 0.5 * r.square(), -r
-    em1 = torch.expm1(r)
-    return em1 - r, -em1
+    return expm1_minus_x(r), -torch.expm1(r)
 
 
 def ppo_token_terms(
@@ -117,6 +117,6 @@ def ppo_token_terms(
         c_lp=per_valid(c_lp),
         c_h=c_h,
         clipped=per_valid(clipped.to(cdt)),
-        approx_kl=per_valid(torch.expm1(log_ratio) - log_ratio),
+        approx_kl=per_valid(expm1_minus_x(log_ratio)),
         ratio=per_valid(ratio),
     )

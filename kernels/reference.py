@@ -72,6 +72,11 @@ def kl_from_logits_reference(logits: torch.Tensor, ref_logits: torch.Tensor, tem
     return (p * log_ratio).sum(-1)
 
 
+def expm1_minus_x(x: torch.Tensor) -> torch.Tensor:
+    """(e^x - 1) - x without the cancellation that ruins it in fp32 for small |x| (computed in fp64)."""
+    return (torch.expm1(x.double()) - x.double()).to(x.dtype)
+
+
 def kl_estimate_reference(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Sample-based per-token estimates of KL(pi || pi_ref) from the sampled token's log-probs (Schulman's k1/k2/k3).
 
@@ -92,7 +97,7 @@ def kl_estimate_reference(logp: torch.Tensor, ref_logp: torch.Tensor, estimator:
         return -r
     if estimator == "k2":
         return 0.5 * r.square()
-    return torch.expm1(r) - r
+    return expm1_minus_x(r)
 
 
 def bradley_terry_loss_reference(
@@ -162,7 +167,7 @@ def ppo_loss_reference(
 
     stats = PPOLossStats(
         clip_fraction=masked_mean((clipped > unclipped).to(cdt)),
-        approx_kl=masked_mean(torch.expm1(log_ratio) - log_ratio),
+        approx_kl=masked_mean(expm1_minus_x(log_ratio)),
         entropy=masked_mean(entropy),
         ratio=masked_mean(ratio),
     )

@@ -117,7 +117,9 @@ def _write_logprob_grad(
         g = torch.mul(e, a.unsqueeze(1), out=direct)
     else:
         a = a - c_h * (entropy - log_s) * inv_s
-        g = torch.mul(zs.mul_((-c_h * inv_s).unsqueeze(1)).add_(a.unsqueeze(1)), e, out=direct)
+        # zs * e first: zs is the lowest finite float where e == 0, and scaling it before the product could overflow
+        # to inf and turn 0 * inf into NaN.
+        g = torch.addcmul(zs.mul_(e).mul_((-c_h * inv_s).unsqueeze(1)), e, a.unsqueeze(1), out=direct)
     g.scatter_add_(1, targets.unsqueeze(1), (c_lp / temperature).unsqueeze(1).to(g.dtype))
     if g is not out:
         out.copy_(g)
