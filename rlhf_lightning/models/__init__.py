@@ -1,0 +1,1 @@
+"""Policy backbones (TinyGPT, the Hugging Face adapter), heads and generation."""

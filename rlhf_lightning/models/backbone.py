@@ -1,0 +1,60 @@
+"""Building a policy backbone from a config, and rebuilding it from what a checkpoint recorded.
+
+A checkpoint records ``backbone_spec(model)``: the kind ("tinygpt" or "hf") and the full model config, so the
+weights in its state dict can be loaded into a freshly built model without any file besides the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from torch import nn
+
+from rlhf_lightning.models.hf import HFCausalLM
+from rlhf_lightning.models.tinygpt import GPTConfig, TinyGPT
+
+
+def build_backbone(config: GPTConfig, vocab_size: int, hf_model_path: str | None = None) -> nn.Module:
+    """A TinyGPT of ``config`` with the tokenizer's vocabulary, or the local Hugging Face model at ``hf_model_path``.
+
+    Raises:
+        ValueError: config.vocab_size is set and differs from the tokenizer's, or the HF model's vocabulary is
+            smaller than the tokenizer's.
+    """
+    if hf_model_path:
+        model = HFCausalLM.from_pretrained(Path(hf_model_path))
+        if model.vocab_size < vocab_size:
+            raise ValueError(
+                f"hf_model_path {hf_model_path}: the model has {model.vocab_size} token embeddings but the tokenizer "
+                f"has {vocab_size} tokens"
+            )
+        return model
+    if config.vocab_size and config.vocab_size != vocab_size:
+        raise ValueError(
+            f"model vocab_size {config.vocab_size} != tokenizer vocabulary size {vocab_size} (leave it 0 to follow "
+            "the tokenizer)"
+        )
+    return TinyGPT(replace(config, vocab_size=vocab_size))
+
+
+def backbone_spec(model: nn.Module) -> dict:
+    """What a checkpoint needs to rebuild ``model`` before loading its weights."""
+    if isinstance(model, TinyGPT):
+        return {"kind": "tinygpt", "config": model.config.to_dict()}
+    if isinstance(model, HFCausalLM):
+        return {"kind": "hf", "config": model.model.config.to_dict()}
+    raise TypeError(f"unsupported backbone type {type(model).__name__}")
+
+
+def backbone_from_spec(spec: dict) -> nn.Module:
+    """A freshly initialised backbone of the recorded shape (its weights come from the checkpoint's state dict)."""
+    if spec.get("kind") == "tinygpt":
+        return TinyGPT(GPTConfig(**spec["config"]))
+    if spec.get("kind") == "hf":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = dict(spec["config"])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        return HFCausalLM(AutoModelForCausalLM.from_config(config))
+    raise ValueError(f"unknown backbone kind {spec.get('kind')!r} in checkpoint")
