@@ -6,6 +6,11 @@ folder ``kernels/`` under the name ``rlhf_kernels`` (a Hugging Face package call
 Every op takes ``backend="auto" | "triton" | "torch"``; see :mod:`rlhf_kernels.dispatch`.
 """
 
+if __name__ != "rlhf_kernels":
+    # Run from the repository root, this folder would also be importable as `kernels`, shadowing the Hugging Face
+    # package of that name that transformers imports. Refuse, rather than load a second copy under a wrong name.
+    raise ImportError(f"the folder kernels/ is the package rlhf_kernels; it cannot be imported as {__name__!r}")
+
 from rlhf_kernels.dispatch import BACKENDS, ENV_VAR, resolve_backend, triton_available
 from rlhf_kernels.ops import (
     bradley_terry_loss,
