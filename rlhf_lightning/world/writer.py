@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from rlhf_lightning.data.jsonl import atomic_open, write_jsonl
 from rlhf_lightning.world.annotators import AnnotatorConfig, Annotators
 from rlhf_lightning.world.grammar import WORDS, all_prompts, demo_response, ideal_response, pair_responses
 from rlhf_lightning.world.judge import GoldJudge, JudgeConfig
@@ -67,27 +67,9 @@ def split_sizes(total: int, fractions: tuple[float, ...]) -> list[int]:
     return [total - sum(rest), *rest]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Writes text to path through a temporary file in the same folder, fsync and os.replace: a reader sees the old
-    file or the whole new one, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _json_number(x: float) -> float | None:
     """x as a JSON number; None (null) for NaN, which JSON lacks: a statistic of no pairs, or of only tied ones."""
     return None if math.isnan(x) else float(x)
-
-
-def _jsonl(records: list[dict[str, str]]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def write_world(out_dir: str | Path, config: WorldConfig | None = None) -> dict:
@@ -151,7 +133,7 @@ def write_world(out_dir: str | Path, config: WorldConfig | None = None) -> dict:
         }
 
     for name, records in files.items():
-        _write_atomic(out / name, _jsonl(records))
+        write_jsonl(out / name, records)
     test_prompts = split_prompts["test"]
     meta = {
         "version": WORLD_VERSION,
@@ -164,5 +146,6 @@ def write_world(out_dir: str | Path, config: WorldConfig | None = None) -> dict:
         "annotators": annotator_stats,
     }
     text = json.dumps(meta, indent=2) + "\n"
-    _write_atomic(out / META_FILE, text)
+    with atomic_open(out / META_FILE) as f:
+        f.write(text)
     return json.loads(text)  # exactly what a reader of world.json gets (lists for tuples)

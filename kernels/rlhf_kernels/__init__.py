@@ -1,15 +1,10 @@
 """rlhf_kernels: fused token log-probs, full-vocabulary KL and the PPO clipped loss, with PyTorch references.
 
-Lightning-free on purpose: the training package imports these ops, never the other way round. Installed from the
-folder ``kernels/`` under the name ``rlhf_kernels`` (a Hugging Face package called ``kernels`` exists).
+Lightning-free on purpose: the training package imports these ops, never the other way round. Lives in the source
+root ``kernels/`` (which has no ``__init__.py``, so it never passes for the Hugging Face package called ``kernels``).
 
 Every op takes ``backend="auto" | "triton" | "torch"``; see :mod:`rlhf_kernels.dispatch`.
 """
-
-if __name__ != "rlhf_kernels":
-    # Run from the repository root, this folder would also be importable as `kernels`, shadowing the Hugging Face
-    # package of that name that transformers imports. Refuse, rather than load a second copy under a wrong name.
-    raise ImportError(f"the folder kernels/ is the package rlhf_kernels; it cannot be imported as {__name__!r}")
 
 from rlhf_kernels.dispatch import BACKENDS, ENV_VAR, resolve_backend, triton_available
 from rlhf_kernels.ops import (

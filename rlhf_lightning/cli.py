@@ -1,0 +1,62 @@
+"""The ``rlhf`` command.
+
+    rlhf fit -c configs/sft.yaml        # any phase: LightningCLI (omegaconf parser mode), TensorBoard logging
+    rlhf world --out runs/world         # write the embedded review world's JSONL files
+
+``fit`` (and validate/test) take the module and data module classes from the config's ``class_path``, so one
+command serves every phase. Checkpoints are written atomically (temporary file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from rlhf_lightning.checkpoint import AtomicCheckpointIO
+
+
+class RLHFCLI(LightningCLI):
+    """LightningCLI whose trainer always saves checkpoints atomically."""
+
+    def instantiate_trainer(self, **kwargs):
+        plugins = kwargs.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(hasattr(p, "save_checkpoint") for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        kwargs["plugins"] = plugins
+        return super().instantiate_trainer(**kwargs)
+
+
+def world_main(argv: list[str]) -> None:
+    """``rlhf world``: writes the embedded review world's files and prints its summary."""
+    from rlhf_lightning.world import WorldConfig, write_world
+
+    parser = argparse.ArgumentParser(prog="rlhf world", description="Write the embedded review world's JSONL files.")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    summary = write_world(args.out, WorldConfig(seed=args.seed))
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``rlhf``; ``argv`` (without the program name) defaults to the command line."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words and words[0] == "world":
+        world_main(words[1:])
+        return
+    RLHFCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=argv,  # None: LightningCLI reads sys.argv itself
+    )
+
+
+if __name__ == "__main__":
+    main()

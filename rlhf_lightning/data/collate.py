@@ -1,0 +1,235 @@
+"""Tokenisation with a truncation policy, and the collate functions that pad examples into batches.
+
+Records are tokenised once, in a batch, into examples of token-id lists; the collate functions only pad. Prompt and
+response are tokenised separately and concatenated as they are (no separator, no template): a chat template, or the
+leading space a byte-level BPE expects before a response's first word, belongs in the text itself.
+
+Truncation policy (counted in :class:`TruncationStats`, logged as ``data/truncated_*``):
+
+- A prompt keeps its LAST ``max_prompt_len`` tokens: the end of a prompt is what the response answers.
+- A response keeps its FIRST tokens. EOS is appended only when the whole response and EOS fit in
+  ``max_response_len``; otherwise the response is cut to ``max_response_len`` tokens, gets no EOS and is counted as
+  truncated. Teaching EOS after a cut would teach the model to stop mid-thought, and an uncounted cut would drop a
+  response's end silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from rlhf_lightning.data.jsonl import DataError
+from rlhf_lightning.data.tokenizer import Tokenizer
+
+
+class SFTExample(NamedTuple):
+    """A tokenised demonstration.
+
+    Attributes:
+        prompt_ids: (P,) the prompt's tokens, P >= 1.
+        response_ids: (R,) the response's tokens, ending with EOS unless truncated, R >= 1.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+class PreferenceExample(NamedTuple):
+    """A tokenised preference pair; each response follows the policy of :class:`SFTExample`.
+
+    Attributes:
+        prompt_ids: (P,) the prompt's tokens.
+        chosen_ids: (Rc,) the preferred response's tokens.
+        rejected_ids: (Rr,) the other response's tokens.
+    """
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+class PromptExample(NamedTuple):
+    """A tokenised prompt.
+
+    Attributes:
+        prompt_ids: (P,) the prompt's tokens.
+    """
+
+    prompt_ids: list[int]
+
+
+@dataclass
+class TruncationStats:
+    """What the truncation policy did to a list of records.
+
+    Attributes:
+        examples: records tokenised.
+        responses: responses tokenised (1 per SFT example, 2 per preference pair, 0 per prompt).
+        truncated_prompts: prompts that lost their first tokens.
+        truncated_responses: responses cut at ``max_response_len`` (and left without EOS).
+    """
+
+    examples: int = 0
+    responses: int = 0
+    truncated_prompts: int = 0
+    truncated_responses: int = 0
+
+
+def tokenize_sft(
+    records: Sequence[Mapping[str, str]], tokenizer: Tokenizer, max_prompt_len: int, max_response_len: int
+) -> tuple[list[SFTExample], TruncationStats]:
+    """Tokenises ``{"prompt", "response"}`` records under the module's truncation policy, in one batch.
+
+    Args:
+        records: as :func:`~rlhf_lightning.data.jsonl.read_jsonl` returns them.
+        tokenizer: supplies the ids and EOS.
+        max_prompt_len: the most prompt tokens kept (the last ones).
+        max_response_len: the most response tokens kept, EOS included.
+
+    Returns:
+        One example per record, in order, and what truncation did.
+
+    Raises:
+        DataError: a prompt or response tokenises to no tokens (names the record index and field).
+        ValueError: a length budget below 1.
+    """
+    stats = TruncationStats(examples=len(records))
+    prompts = _prompts(records, tokenizer, max_prompt_len, stats)
+    responses = _responses(records, "response", tokenizer, max_response_len, stats)
+    return [SFTExample(p, r) for p, r in zip(prompts, responses, strict=True)], stats
+
+
+def tokenize_preferences(
+    records: Sequence[Mapping[str, str]], tokenizer: Tokenizer, max_prompt_len: int, max_response_len: int
+) -> tuple[list[PreferenceExample], TruncationStats]:
+    """Tokenises ``{"prompt", "chosen", "rejected"}`` records; arguments and policy as :func:`tokenize_sft`, applied
+    to each response (EOS where it fits).
+
+    Raises:
+        DataError: a prompt or response tokenises to no tokens (names the record index and field).
+        ValueError: a length budget below 1.
+    """
+    stats = TruncationStats(examples=len(records))
+    prompts = _prompts(records, tokenizer, max_prompt_len, stats)
+    chosen = _responses(records, "chosen", tokenizer, max_response_len, stats)
+    rejected = _responses(records, "rejected", tokenizer, max_response_len, stats)
+    return [PreferenceExample(*x) for x in zip(prompts, chosen, rejected, strict=True)], stats
+
+
+def tokenize_prompts(
+    records: Sequence[Mapping[str, str]], tokenizer: Tokenizer, max_prompt_len: int
+) -> tuple[list[PromptExample], TruncationStats]:
+    """Tokenises ``{"prompt"}`` records (left-truncated to ``max_prompt_len``).
+
+    Raises:
+        DataError: a prompt tokenises to no tokens (names the record index).
+        ValueError: ``max_prompt_len`` below 1.
+    """
+    stats = TruncationStats(examples=len(records))
+    return [PromptExample(p) for p in _prompts(records, tokenizer, max_prompt_len, stats)], stats
+
+
+def _encode(records: Sequence[Mapping[str, str]], field: str, tokenizer: Tokenizer, max_len: int) -> list[list[int]]:
+    if max_len < 1:
+        raise ValueError(f"the token budget of {field!r} must be >= 1, got {max_len}")
+    ids = tokenizer.encode_batch([r[field] for r in records])
+    for i, x in enumerate(ids):
+        if not x:
+            raise DataError(f"record {i}", "tokenises to no tokens", field)
+    return ids
+
+
+def _prompts(
+    records: Sequence[Mapping[str, str]], tokenizer: Tokenizer, max_len: int, stats: TruncationStats
+) -> list[list[int]]:
+    out = []
+    for ids in _encode(records, "prompt", tokenizer, max_len):
+        if len(ids) > max_len:
+            stats.truncated_prompts += 1
+            ids = ids[-max_len:]
+        out.append(ids)
+    return out
+
+
+def _responses(
+    records: Sequence[Mapping[str, str]], field: str, tokenizer: Tokenizer, max_len: int, stats: TruncationStats
+) -> list[list[int]]:
+    out = []
+    for ids in _encode(records, field, tokenizer, max_len):
+        stats.responses += 1
+        if len(ids) < max_len:  # the whole response and its EOS fit
+            ids.append(tokenizer.eos_id)
+        else:
+            stats.truncated_responses += 1
+            ids = ids[:max_len]
+        out.append(ids)
+    return out
+
+
+def collate_sft(examples: Sequence[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pads demonstrations into a teacher-forcing batch, T = the longest prompt + response.
+
+    Returns:
+        input_ids: (B, T) int64, prompt + response, right-padded with ``pad_id``.
+        attention_mask: (B, T) bool, True on real tokens.
+        targets: (B, T) int64, ``input_ids`` shifted left by one (position t holds token t + 1), ``pad_id`` last.
+        loss_mask: (B, T) bool, True exactly where ``targets`` is a response token (EOS included), i.e. at
+            positions P - 1 .. P + R - 2 of an example with P prompt and R response tokens.
+    """
+    prompt_len = torch.tensor([len(e.prompt_ids) for e in examples])  # (B,)
+    seq_len = prompt_len + torch.tensor([len(e.response_ids) for e in examples])  # (B,)
+    input_ids, attention_mask = _pad([e.prompt_ids + e.response_ids for e in examples], pad_id, left=False)
+    targets = torch.full_like(input_ids, pad_id)
+    targets[:, :-1] = input_ids[:, 1:]
+    pos = torch.arange(input_ids.shape[1])  # (T,)
+    loss_mask = (pos >= prompt_len[:, None] - 1) & (pos < seq_len[:, None] - 1)  # (B, T)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets, "loss_mask": loss_mask}
+
+
+def collate_pairs(examples: Sequence[PreferenceExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pads preference pairs. Both sides share one T (the longest of the 2B sequences), so a reward model can score
+    ``torch.cat([chosen_ids, rejected_ids])`` in a single (2B, T) forward pass.
+
+    Returns:
+        chosen_ids, rejected_ids: (B, T) int64, prompt + response, right-padded with ``pad_id``.
+        chosen_mask, rejected_mask: (B, T) bool, True on real tokens (the last True is the response's last token).
+        chosen_response_len, rejected_response_len: (B,) int64, response tokens, EOS included.
+    """
+    seqs = [e.prompt_ids + e.chosen_ids for e in examples] + [e.prompt_ids + e.rejected_ids for e in examples]
+    ids, mask = _pad(seqs, pad_id, left=False)  # (2B, T): chosen rows first
+    b = len(examples)
+    return {
+        "chosen_ids": ids[:b],
+        "chosen_mask": mask[:b],
+        "rejected_ids": ids[b:],
+        "rejected_mask": mask[b:],
+        "chosen_response_len": torch.tensor([len(e.chosen_ids) for e in examples]),
+        "rejected_response_len": torch.tensor([len(e.rejected_ids) for e in examples]),
+    }
+
+
+def collate_prompts(examples: Sequence[PromptExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pads prompts on the LEFT, so that every prompt ends at the last column and batched generation appends each
+    new token at the same position for all rows (one KV-cache write per step).
+
+    Returns:
+        prompt_ids: (B, P) int64, left-padded with ``pad_id``; P = the longest prompt.
+        prompt_mask: (B, P) bool, True on real tokens.
+    """
+    prompt_ids, prompt_mask = _pad([e.prompt_ids for e in examples], pad_id, left=True)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
+
+
+def _pad(seqs: Sequence[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) int64 ids padded with ``pad_id`` on one side, and the (N, T) bool mask of real tokens."""
+    if not seqs:
+        raise ValueError("cannot collate an empty batch")
+    lengths = torch.tensor([len(s) for s in seqs])  # (N,)
+    width = int(lengths.max())
+    rows = [[pad_id] * (width - len(s)) + s if left else s + [pad_id] * (width - len(s)) for s in seqs]
+    pos = torch.arange(width)  # (T,)
+    mask = pos >= width - lengths[:, None] if left else pos < lengths[:, None]  # (N, T)
+    return torch.tensor(rows, dtype=torch.long), mask

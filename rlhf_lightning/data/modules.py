@@ -1,0 +1,180 @@
+"""LightningDataModules for the phases, on JSONL files (the embedded world's or a user's own).
+
+Where the files come from: ``data_dir`` holds ``{sft,prefs,prompts}_{train,val,test}.jsonl``; when they are missing
+and ``generate_world`` is on, the embedded review world writes them there first (deterministically for its seed).
+Any file can be replaced by a user's own through ``train_file`` / ``val_file`` / ``eval_prompts_file``. The
+tokenizer is ``tokenizer_path`` (a tokenizer.json or a Hugging Face tokenizer directory) or, by default, a word-level
+tokenizer trained once on the corpus in ``data_dir`` and saved there.
+
+Records are read and validated once, tokenised once in ``setup`` (not per epoch) and kept as lists of examples.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from rlhf_lightning.data.collate import collate_prompts, collate_sft, tokenize_prompts, tokenize_sft
+from rlhf_lightning.data.jsonl import read_jsonl
+from rlhf_lightning.data.tokenizer import TOKENIZER_FILE, Tokenizer
+
+# The world writes its files with this package's JSONL writer, so it is imported lazily here (inside the methods
+# that need it) to keep the import graph acyclic.
+WORLD_META = "world.json"  # rlhf_lightning.world.writer.META_FILE; tests/data checks the two agree
+
+
+class RLHFDataModule(L.LightningDataModule):
+    """What every phase's data has in common: the data folder, the world, the tokenizer, the evaluation prompts.
+
+    Args:
+        data_dir: folder of the JSONL files (and of the trained tokenizer).
+        generate_world: write the embedded world's files into ``data_dir`` when they are missing.
+        world_seed: seed of the generated world.
+        tokenizer_path: a tokenizer.json or Hugging Face tokenizer directory; None trains one on ``data_dir``.
+        batch_size: examples per training batch.
+        max_prompt_len, max_response_len: token budgets (see the truncation policy in data.collate).
+        eval_prompts: how many responses validation samples, cycling through the held-out prompts.
+        eval_prompts_file: JSONL of ``{"prompt"}`` records; default ``data_dir/prompts_val.jsonl``.
+        on_error: "raise" on a malformed record, or "skip" it (counted and logged as data/skipped).
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "runs/world",
+        generate_world: bool = True,
+        world_seed: int = 0,
+        tokenizer_path: str | None = None,
+        batch_size: int = 64,
+        max_prompt_len: int = 16,
+        max_response_len: int = 48,
+        eval_prompts: int = 256,
+        eval_prompts_file: str | None = None,
+        on_error: Literal["raise", "skip"] = "raise",
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir)
+        self.tokenizer: Tokenizer | None = None
+        self.judge = None
+        self.data_stats: dict[str, float] = {}
+        self._eval: tuple[list[str], dict[str, torch.Tensor]] | None = None
+
+    # -- files -------------------------------------------------------------------------------------------------------
+    def file(self, name: str, override: str | None = None) -> Path:
+        path = Path(override) if override else self.data_dir / name
+        if not path.is_file():
+            hint = "" if override else " (set generate_world: true to write the embedded world there)"
+            raise FileNotFoundError(f"data file {path} does not exist{hint}")
+        return path
+
+    def prepare_data(self) -> None:
+        """Writes the world (when asked and missing) and trains the default tokenizer (when missing): rank 0 only."""
+        if self.hparams.generate_world and not (self.data_dir / WORLD_META).is_file():
+            from rlhf_lightning.world import WorldConfig, write_world
+
+            write_world(self.data_dir, WorldConfig(seed=self.hparams.world_seed))
+        if self.hparams.tokenizer_path is None and not (self.data_dir / TOKENIZER_FILE).is_file():
+            self._train_tokenizer().save(self.data_dir)
+
+    def _train_tokenizer(self) -> Tokenizer:
+        texts = []
+        for path in sorted(self.data_dir.glob("*.jsonl")):
+            kind = "preference" if path.name.startswith("prefs") else "sft" if path.name.startswith("sft") else "prompt"
+            for rec in read_jsonl(path, kind, on_error=self.hparams.on_error).records:
+                texts.extend(v for v in rec.values() if isinstance(v, str))
+        if not texts:
+            raise FileNotFoundError(f"no JSONL files in {self.data_dir} to train a tokenizer on; set tokenizer_path")
+        extra: tuple[str, ...] = ()
+        if (self.data_dir / WORLD_META).is_file():
+            from rlhf_lightning.world import WORDS
+
+            extra = WORDS  # every word the world's grammar can produce, seen in the corpus or not
+        return Tokenizer.train_word_level(texts, extra_words=extra)
+
+    def load_tokenizer(self) -> Tokenizer:
+        path = self.hparams.tokenizer_path or self.data_dir / TOKENIZER_FILE
+        return Tokenizer.load(path)
+
+    def _load_judge(self):
+        meta_path = self.data_dir / WORLD_META
+        if not meta_path.is_file():
+            return None  # a user's own data: no gold judge, gold metrics are skipped
+        from rlhf_lightning.world import GoldJudge, JudgeConfig
+
+        meta = json.loads(meta_path.read_text())
+        judge_cfg = meta.get("config", {}).get("judge")
+        return GoldJudge(JudgeConfig(**judge_cfg) if judge_cfg else JudgeConfig())
+
+    def _read(self, name: str, kind: str, override: str | None = None) -> list[dict[str, str]]:
+        path = self.file(name, override)
+        data = read_jsonl(path, kind, on_error=self.hparams.on_error)
+        self.data_stats[f"data/skipped/{path.stem}"] = float(data.skipped)
+        return data.records
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = self.load_tokenizer()
+            self.judge = self._load_judge()
+
+    # -- evaluation prompts ------------------------------------------------------------------------------------------
+    def eval_prompts(self) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """The fixed held-out prompts validation samples for: their texts and a left-padded batch."""
+        if self._eval is None:
+            records = self._read("prompts_val.jsonl", "prompt", self.hparams.eval_prompts_file)
+            # Cycle through the prompts up to eval_prompts samples: a small prompt set still gives a stable figure.
+            records = [records[i % len(records)] for i in range(self.hparams.eval_prompts)]
+            examples = tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len)[0]
+            self._eval = ([r["prompt"] for r in records], collate_prompts(examples, self.tokenizer.pad_id))
+        return self._eval
+
+    def _loader(self, examples: list, collate, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            examples,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
+            num_workers=self.hparams.num_workers,
+            drop_last=shuffle and len(examples) >= self.hparams.batch_size,
+        )
+
+
+class SFTDataModule(RLHFDataModule):
+    """Demonstrations ``{"prompt", "response"}`` for the SFT phase.
+
+    Args:
+        train_file, val_file: JSONL files; default ``data_dir/sft_{train,val}.jsonl``.
+        (the rest: see :class:`RLHFDataModule`)
+    """
+
+    def __init__(self, *args, train_file: str | None = None, val_file: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters()
+        self.train_examples: list = []
+        self.val_examples: list = []
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.train_examples:
+            return
+        h = self.hparams
+        for split, override in (("train", h.train_file), ("val", h.val_file)):
+            records = self._read(f"sft_{split}.jsonl", "sft", override)
+            examples, stats = tokenize_sft(records, self.tokenizer, h.max_prompt_len, h.max_response_len)
+            setattr(self, f"{split}_examples", examples)
+            for key, value in asdict(stats).items():
+                self.data_stats[f"data/{key}/sft_{split}"] = float(value)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_examples, collate_sft, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_examples, collate_sft, shuffle=False)

@@ -1,0 +1,5 @@
+"""The phases as LightningModules: orchestration only; the math lives in rlhf_kernels and rlhf_lightning.rl."""
+
+from rlhf_lightning.modules.sft import SFTModule
+
+__all__ = ["SFTModule"]

@@ -1,0 +1,132 @@
+"""Pieces every phase's LightningModule shares: the policy's token log-probs, evaluation by sampling, the AdamW +
+warmup/cosine optimiser, and the tokenizer/backbone bookkeeping a self-contained checkpoint needs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import rlhf_kernels
+from rlhf_lightning.data.tokenizer import Tokenizer
+from rlhf_lightning.metrics import distinct_n
+from rlhf_lightning.models.sampling import SamplingConfig, generate
+
+
+def response_logprobs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """log p(target) at the masked positions, through the fused kernel (no (B, T, V) logits tensor).
+
+    Args:
+        input_ids: (B, T) token ids; attention_mask: (B, T) real tokens.
+        targets: (B, T) next-token ids; mask: (B, T) bool, positions whose target counts.
+
+    Returns:
+        (N,) log-probs, N = mask.sum().
+    """
+    hidden = model(input_ids, attention_mask)  # (B, T, D)
+    logits = hidden[mask] @ model.lm_head_weight.T  # (N, V)
+    return rlhf_kernels.token_logprobs(logits, targets[mask])
+
+
+@dataclass
+class EvalSamples:
+    """Responses sampled for a fixed set of prompts, decoded, with per-response gold scores when a judge exists."""
+
+    prompts: list[str]
+    responses: list[str]
+    ended: torch.Tensor  # (B,) bool
+    lengths: torch.Tensor  # (B,) response tokens
+    token_ids: list[list[int]]
+    gold: torch.Tensor | None  # (B,) or None without a gold judge
+    well_formed: torch.Tensor | None  # (B,) bool or None
+
+
+@torch.no_grad()
+def sample_eval(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    sampling: SamplingConfig,
+    seed: int,
+    judge=None,
+) -> EvalSamples:
+    """Samples one response per prompt with a private RNG (so evaluation never moves the training RNG streams).
+
+    Args:
+        prompt_ids: (B, P) left-padded; prompt_mask: (B, P).
+        judge: the world's GoldJudge, or None.
+    """
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=prompt_ids.device).manual_seed(seed)
+    out = generate(model, prompt_ids, prompt_mask, sampling, tokenizer.eos_id, tokenizer.pad_id, gen)
+    model.train(was_training)
+    token_ids = [ids[m].tolist() for ids, m in zip(out.response_ids, out.response_mask, strict=True)]
+    responses = tokenizer.decode_batch(token_ids)
+    gold = well_formed = None
+    if judge is not None:
+        ended = out.ended.cpu().numpy()
+        gold = torch.as_tensor(judge.score(prompts, responses, ended), dtype=torch.float32)
+        well_formed = torch.as_tensor(judge.well_formed(responses))
+    return EvalSamples(prompts, responses, out.ended, out.response_mask.sum(1), token_ids, gold, well_formed)
+
+
+def eval_metrics(samples: EvalSamples, prefix: str = "eval") -> dict[str, float]:
+    """Scalar summaries of a set of samples: gold reward, well-formedness, EOS rate, length, distinct-1/2."""
+    words = [r.split() for r in samples.responses]
+    metrics = {
+        f"{prefix}/eos_rate": samples.ended.float().mean().item(),
+        f"{prefix}/length_mean": samples.lengths.float().mean().item(),
+        f"{prefix}/distinct_1": distinct_n(words, 1),
+        f"{prefix}/distinct_2": distinct_n(words, 2),
+    }
+    if samples.gold is not None:
+        metrics[f"{prefix}/gold_reward"] = samples.gold.mean().item()
+        metrics[f"{prefix}/well_formed"] = samples.well_formed.float().mean().item()
+    return metrics
+
+
+def samples_table(samples: EvalSamples, rows: int, extra: dict[str, torch.Tensor] | None = None) -> str:
+    """A markdown table of the first ``rows`` samples for TensorBoard's text tab."""
+    cols = {"gold": samples.gold} if samples.gold is not None else {}
+    cols.update(extra or {})
+    head = "| prompt | response | ended | " + " | ".join(cols) + " |"
+    lines = [head, "|" + "---|" * (3 + len(cols))]
+    for i in range(min(rows, len(samples.prompts))):
+        vals = " | ".join(f"{float(v[i]):.2f}" for v in cols.values())
+        resp = samples.responses[i].replace("|", "\\|")
+        lines.append(f"| {samples.prompts[i]} | {resp} | {bool(samples.ended[i])} | {vals} |")
+    return "\n".join(lines)
+
+
+def adamw_with_warmup_cosine(
+    module: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
+    total_steps: int, min_lr_ratio: float,
+) -> dict:  # fmt: skip
+    """AdamW (weight decay on matrices only) with linear warmup then cosine decay to ``min_lr_ratio * lr``.
+
+    Returns:
+        Lightning's optimizer config dict with a per-step scheduler.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas
+    )
+    total = max(int(total_steps), 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
