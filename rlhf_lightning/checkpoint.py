@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from rlhf_lightning.io import atomic_open
+
 RLHF_KEY = "rlhf"
 
 
@@ -22,17 +24,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Saves to a temporary file in the same folder, fsyncs, then renames: a crash never leaves half a checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_open(path, binary=True) as f:
+            torch.save(checkpoint, f)
 
 
 def load_checkpoint(path: str | os.PathLike, phase: str | None = None) -> dict[str, Any]:

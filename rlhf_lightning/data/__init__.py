@@ -17,13 +17,14 @@ from rlhf_lightning.data.collate import (
     tokenize_sft,
 )
 from rlhf_lightning.data.jsonl import SCHEMAS, DataError, JsonlData, atomic_open, read_jsonl, write_jsonl
-from rlhf_lightning.data.modules import RLHFDataModule, SFTDataModule
+from rlhf_lightning.data.modules import PreferenceDataModule, RLHFDataModule, SFTDataModule
 from rlhf_lightning.data.tokenizer import Tokenizer
 
 __all__ = [
     "SCHEMAS",
     "DataError",
     "JsonlData",
+    "PreferenceDataModule",
     "PreferenceExample",
     "PromptExample",
     "RLHFDataModule",

@@ -21,13 +21,18 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from rlhf_lightning.data.collate import collate_prompts, collate_sft, tokenize_prompts, tokenize_sft
+from rlhf_lightning.data.collate import (
+    collate_pairs,
+    collate_prompts,
+    collate_sft,
+    tokenize_preferences,
+    tokenize_prompts,
+    tokenize_sft,
+)
 from rlhf_lightning.data.jsonl import read_jsonl
 from rlhf_lightning.data.tokenizer import TOKENIZER_FILE, Tokenizer
-
-# The world writes its files with this package's JSONL writer, so it is imported lazily here (inside the methods
-# that need it) to keep the import graph acyclic.
-WORLD_META = "world.json"  # rlhf_lightning.world.writer.META_FILE; tests/data checks the two agree
+from rlhf_lightning.world import WORDS, Annotators, GoldJudge, JudgeConfig, WorldConfig, write_world
+from rlhf_lightning.world.writer import META_FILE as WORLD_META
 
 
 class RLHFDataModule(L.LightningDataModule):
@@ -36,7 +41,9 @@ class RLHFDataModule(L.LightningDataModule):
     Args:
         data_dir: folder of the JSONL files (and of the trained tokenizer).
         generate_world: write the embedded world's files into ``data_dir`` when they are missing.
-        world_seed: seed of the generated world.
+        world: the configuration of the generated world (seed, sizes, annotator knobs: a preset can build a flawed
+            reward model on purpose by changing them); a data_dir holding a world written with another configuration
+            is an error, so results never mix two worlds silently.
         tokenizer_path: a tokenizer.json or Hugging Face tokenizer directory; None trains one on ``data_dir``.
         batch_size: examples per training batch.
         max_prompt_len, max_response_len: token budgets (see the truncation policy in data.collate).
@@ -50,7 +57,7 @@ class RLHFDataModule(L.LightningDataModule):
         self,
         data_dir: str = "runs/world",
         generate_world: bool = True,
-        world_seed: int = 0,
+        world: WorldConfig | None = None,
         tokenizer_path: str | None = None,
         batch_size: int = 64,
         max_prompt_len: int = 16,
@@ -63,9 +70,12 @@ class RLHFDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
+        self.world = world or WorldConfig()
         self.tokenizer: Tokenizer | None = None
-        self.judge = None
+        self.judge: GoldJudge | None = None
+        self.world_meta: dict = {}
         self.data_stats: dict[str, float] = {}
+        self.train_prompts: list[str] = []  # prompts of the training records, set by the phase's setup
         self._eval: tuple[list[str], dict[str, torch.Tensor]] | None = None
 
     # -- files -------------------------------------------------------------------------------------------------------
@@ -78,10 +88,17 @@ class RLHFDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Writes the world (when asked and missing) and trains the default tokenizer (when missing): rank 0 only."""
-        if self.hparams.generate_world and not (self.data_dir / WORLD_META).is_file():
-            from rlhf_lightning.world import WorldConfig, write_world
-
-            write_world(self.data_dir, WorldConfig(seed=self.hparams.world_seed))
+        meta_path = self.data_dir / WORLD_META
+        if self.hparams.generate_world and not meta_path.is_file():
+            write_world(self.data_dir, self.world)
+        if self.hparams.generate_world:
+            written = json.loads(meta_path.read_text())["config"]
+            wanted = json.loads(json.dumps(asdict(self.world)))  # tuples as lists, like world.json
+            if written != wanted:
+                raise ValueError(
+                    f"{meta_path} was written with another world configuration than data.world asks for; "
+                    "use another data_dir for this world (or set generate_world: false to use the files as they are)"
+                )
         if self.hparams.tokenizer_path is None and not (self.data_dir / TOKENIZER_FILE).is_file():
             self._train_tokenizer().save(self.data_dir)
 
@@ -95,8 +112,6 @@ class RLHFDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"no JSONL files in {self.data_dir} to train a tokenizer on; set tokenizer_path")
         extra: tuple[str, ...] = ()
         if (self.data_dir / WORLD_META).is_file():
-            from rlhf_lightning.world import WORDS
-
             extra = WORDS  # every word the world's grammar can produce, seen in the corpus or not
         return Tokenizer.train_word_level(texts, extra_words=extra)
 
@@ -108,9 +123,8 @@ class RLHFDataModule(L.LightningDataModule):
         meta_path = self.data_dir / WORLD_META
         if not meta_path.is_file():
             return None  # a user's own data: no gold judge, gold metrics are skipped
-        from rlhf_lightning.world import GoldJudge, JudgeConfig
-
         meta = json.loads(meta_path.read_text())
+        self.world_meta = meta
         judge_cfg = meta.get("config", {}).get("judge")
         return GoldJudge(JudgeConfig(**judge_cfg) if judge_cfg else JudgeConfig())
 
@@ -136,6 +150,20 @@ class RLHFDataModule(L.LightningDataModule):
             self._eval = ([r["prompt"] for r in records], collate_prompts(examples, self.tokenizer.pad_id))
         return self._eval
 
+    def train_prompt_batch(self, n: int, seed: int) -> dict[str, torch.Tensor]:
+        """A left-padded batch of n training prompts drawn with replacement (reproducibly, from ``seed``).
+
+        The prompts come from ``data_dir/prompts_train.jsonl`` when it exists, else from the phase's training records.
+        """
+        path = self.data_dir / "prompts_train.jsonl"
+        prompts = [r["prompt"] for r in self._read(path.name, "prompt")] if path.is_file() else self.train_prompts
+        if not prompts:
+            raise ValueError(f"no training prompts: neither {path} nor training records with prompts")
+        idx = torch.randint(len(prompts), (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+        records = [{"prompt": prompts[i]} for i in idx]
+        return collate_prompts(tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len)[0],
+                               self.tokenizer.pad_id)  # fmt: skip
+
     def _loader(self, examples: list, collate, shuffle: bool) -> DataLoader:
         return DataLoader(
             examples,
@@ -147,13 +175,11 @@ class RLHFDataModule(L.LightningDataModule):
         )
 
 
-class SFTDataModule(RLHFDataModule):
-    """Demonstrations ``{"prompt", "response"}`` for the SFT phase.
+class _SplitDataModule(RLHFDataModule):
+    """A phase's train/val JSONL files (``{PREFIX}_{split}.jsonl`` of kind ``KIND``), tokenised once in setup."""
 
-    Args:
-        train_file, val_file: JSONL files; default ``data_dir/sft_{train,val}.jsonl``.
-        (the rest: see :class:`RLHFDataModule`)
-    """
+    PREFIX = ""
+    KIND = ""
 
     def __init__(self, *args, train_file: str | None = None, val_file: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -161,20 +187,89 @@ class SFTDataModule(RLHFDataModule):
         self.train_examples: list = []
         self.val_examples: list = []
 
+    def tokenize(self, records: list[dict[str, str]]):
+        raise NotImplementedError
+
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if self.train_examples:
             return
-        h = self.hparams
-        for split, override in (("train", h.train_file), ("val", h.val_file)):
-            records = self._read(f"sft_{split}.jsonl", "sft", override)
-            examples, stats = tokenize_sft(records, self.tokenizer, h.max_prompt_len, h.max_response_len)
+        for split, override in (("train", self.hparams.train_file), ("val", self.hparams.val_file)):
+            records = self._read(f"{self.PREFIX}_{split}.jsonl", self.KIND, override)
+            if split == "train":
+                self.train_prompts = list(dict.fromkeys(r["prompt"] for r in records))
+            examples, stats = self.tokenize(records)
             setattr(self, f"{split}_examples", examples)
             for key, value in asdict(stats).items():
-                self.data_stats[f"data/{key}/sft_{split}"] = float(value)
+                self.data_stats[f"data/{key}/{self.PREFIX}_{split}"] = float(value)
+            self.on_split_loaded(split, records)
+
+    def on_split_loaded(self, split: str, records: list[dict[str, str]]) -> None:
+        """Hook for a phase's extra per-split preparation."""
+
+
+class SFTDataModule(_SplitDataModule):
+    """Demonstrations ``{"prompt", "response"}`` for the SFT phase.
+
+    Args:
+        train_file, val_file: JSONL files; default ``data_dir/sft_{train,val}.jsonl``.
+        (the rest: see :class:`RLHFDataModule`)
+    """
+
+    PREFIX, KIND = "sft", "sft"
+
+    def tokenize(self, records: list[dict[str, str]]):
+        return tokenize_sft(records, self.tokenizer, self.hparams.max_prompt_len, self.hparams.max_response_len)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_examples, collate_sft, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_examples, collate_sft, shuffle=False)
+
+
+class PreferenceDataModule(_SplitDataModule):
+    """Preference pairs ``{"prompt", "chosen", "rejected"}`` for the reward-model phase.
+
+    Batches carry each pair's ``index`` in its split (for per-member bootstrap weights and per-pair lookups). On the
+    world, validation also gets the gold judge's scores of both responses (:attr:`val_gold`) and the annotators' exact
+    Bayes accuracy on those pairs (:attr:`bayes_accuracy`), so a reward model's accuracy can be read against the best
+    any model can reach under the label noise, and its ordering against the gold judge's.
+
+    Args:
+        train_file, val_file: JSONL files; default ``data_dir/prefs_{train,val}.jsonl``.
+        (the rest: see :class:`RLHFDataModule`)
+    """
+
+    PREFIX, KIND = "prefs", "preference"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.val_gold: tuple[torch.Tensor, torch.Tensor] | None = None  # (B_val,) gold of chosen, of rejected
+        self.bayes_accuracy: float | None = None
+
+    def tokenize(self, records: list[dict[str, str]]):
+        h = self.hparams
+        return tokenize_preferences(records, self.tokenizer, h.max_prompt_len, h.max_response_len)
+
+    def on_split_loaded(self, split: str, records: list[dict[str, str]]) -> None:
+        if split != "val" or self.judge is None:
+            return
+        prompts = [r["prompt"] for r in records]
+        chosen, rejected = [r["chosen"] for r in records], [r["rejected"] for r in records]
+        self.val_gold = (torch.as_tensor(self.judge.score(prompts, chosen)),
+                         torch.as_tensor(self.judge.score(prompts, rejected)))  # fmt: skip
+        self.bayes_accuracy = Annotators(self.world.annotators, self.judge).bayes_accuracy(prompts, chosen, rejected)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(list(enumerate(self.train_examples)), collate_indexed_pairs, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(list(enumerate(self.val_examples)), collate_indexed_pairs, shuffle=False)
+
+
+def collate_indexed_pairs(items: list, pad_id: int) -> dict[str, torch.Tensor]:
+    """:func:`collate_pairs` of ``(index, example)`` items, plus ``index`` (B,): each pair's position in its split."""
+    batch = collate_pairs([example for _, example in items], pad_id)
+    batch["index"] = torch.tensor([i for i, _ in items])
+    return batch

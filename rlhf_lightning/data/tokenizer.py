@@ -23,7 +23,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import models, pre_tokenizers, trainers
 
-from rlhf_lightning.data.jsonl import atomic_open
+from rlhf_lightning.io import atomic_open
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 TOKENIZER_FILE = "tokenizer.json"

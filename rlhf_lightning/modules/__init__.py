@@ -1,5 +1,6 @@
 """The phases as LightningModules: orchestration only; the math lives in rlhf_kernels and rlhf_lightning.rl."""
 
+from rlhf_lightning.modules.reward import RewardModule
 from rlhf_lightning.modules.sft import SFTModule
 
-__all__ = ["SFTModule"]
+__all__ = ["RewardModule", "SFTModule"]

@@ -11,14 +11,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import lightning as L
 import torch
 
-from rlhf_lightning.checkpoint import RLHF_KEY
-from rlhf_lightning.data.tokenizer import Tokenizer
 from rlhf_lightning.models.backbone import backbone_from_spec, backbone_spec, build_backbone
 from rlhf_lightning.models.sampling import SamplingConfig
 from rlhf_lightning.models.tinygpt import GPTConfig
+from rlhf_lightning.modules.base import PhaseModule
 from rlhf_lightning.modules.common import (
     adamw_with_warmup_cosine,
     eval_metrics,
@@ -27,10 +25,8 @@ from rlhf_lightning.modules.common import (
     samples_table,
 )
 
-PHASE = "sft"
 
-
-class SFTModule(L.LightningModule):
+class SFTModule(PhaseModule):
     """Supervised fine-tuning of the policy backbone.
 
     Args:
@@ -42,6 +38,8 @@ class SFTModule(L.LightningModule):
         eval_seed: seed of the private RNG validation samples with (the same samples every epoch for a given model).
         eval_table_rows: samples shown in the TensorBoard text table.
     """
+
+    PHASE = "sft"
 
     def __init__(
         self,
@@ -61,52 +59,22 @@ class SFTModule(L.LightningModule):
         self.backbone_config = backbone or GPTConfig()
         self.eval_sampling = eval_sampling or SamplingConfig(max_new_tokens=32, temperature=1.0)
         self.model: torch.nn.Module | None = None
-        self.tokenizer: Tokenizer | None = None
 
     # -- model construction ------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Builds the backbone once the data module's tokenizer is known (its vocabulary sizes the embeddings)."""
-        if self.model is not None or self._trainer is None:
-            return  # already built, or loading a checkpoint outside a Trainer (on_load_checkpoint builds it)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError("SFTModule needs a data module with a tokenizer (rlhf_lightning.data.SFTDataModule)")
-        self.tokenizer = tokenizer
-        self.model = build_backbone(self.backbone_config, tokenizer.vocab_size, self.hparams.hf_model_path)
+        if self.built or self._trainer is None:
+            return  # already built, or loading a checkpoint outside a Trainer (build_from_checkpoint does it)
+        self.tokenizer = self.datamodule_tokenizer()
+        self.model = build_backbone(self.backbone_config, self.tokenizer.vocab_size, self.hparams.hf_model_path)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RLHF_KEY] = {
-            "phase": PHASE,
-            "backbone": backbone_spec(self.model),
-            "tokenizer": self.tokenizer.to_json_str(),
-            "eos_token": self.tokenizer.eos_token,
-            "pad_token": self.tokenizer.pad_token,
-        }
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"backbone": backbone_spec(self.model)}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get(RLHF_KEY)
-        if meta is None or meta.get("phase") != PHASE:
-            found = None if meta is None else meta.get("phase")
-            raise ValueError(f"not an SFT checkpoint (phase {found!r})")
-        saved = Tokenizer.from_json_str(meta["tokenizer"], meta["eos_token"], meta["pad_token"])
-        if self.model is None:
-            self.tokenizer = saved
-            self.model = backbone_from_spec(meta["backbone"])
-        elif saved.fingerprint() != self.tokenizer.fingerprint():
-            raise ValueError("the checkpoint's tokenizer differs from the data module's; resume with the same one")
+    def build_from_checkpoint(self, meta: dict[str, Any]) -> None:
+        self.model = backbone_from_spec(meta["backbone"])
 
     # -- training ----------------------------------------------------------------------------------------------------
-    def on_train_start(self) -> None:
-        # Skipped and truncated records are counted by the data module; the logger keeps them with the run.
-        stats = getattr(self.trainer.datamodule, "data_stats", {})
-        if stats and self.logger is not None:
-            self.logger.log_metrics(stats, step=self.global_step)
-        # The tokenizer also sits beside the checkpoints as files (each checkpoint embeds it as well).
-        ckpt_dir = getattr(self.trainer.checkpoint_callback, "dirpath", None)
-        if ckpt_dir and self.trainer.is_global_zero:
-            self.tokenizer.save(ckpt_dir)
-
     def _nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         mask = batch["loss_mask"]
         logp = response_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["targets"], mask)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf_lightning.data.jsonl import atomic_open, write_jsonl
+from rlhf_lightning.io import atomic_open, write_jsonl
 from rlhf_lightning.world.annotators import AnnotatorConfig, Annotators
 from rlhf_lightning.world.grammar import WORDS, all_prompts, demo_response, ideal_response, pair_responses
 from rlhf_lightning.world.judge import GoldJudge, JudgeConfig

@@ -5,12 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlhf_lightning.data import SFTDataModule, write_jsonl
-from rlhf_lightning.data.modules import WORLD_META
 from rlhf_lightning.world.writer import META_FILE
-
-
-def test_world_meta_name_matches_the_writer():
-    assert WORLD_META == META_FILE
 
 
 def test_users_own_files_without_a_world(tmp_path):

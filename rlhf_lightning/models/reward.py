@@ -1,0 +1,111 @@
+"""The reward model: scalar heads on policy backbones, single or as an ensemble, with normalisation statistics.
+
+An ensemble has K members that disagree for real reasons: each head starts from its own seed and (in training) sees
+its own bootstrap resample of the pairs; with ``mode="backbones"`` each member also has its own copy of the backbone,
+with ``mode="heads"`` the members share one trunk (K times cheaper). The model exposes the members' normalised scores,
+their mean, their standard deviation (the disagreement) and the conservative aggregate ``mean - k * std``.
+
+Normalisation: ``norm_mean`` / ``norm_std`` (K,) are each member's score mean and std on SFT-policy samples of the
+training prompts, so the PPO phase starts from rewards centred on the SFT policy.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from rlhf_lightning.models.backbone import backbone_from_spec, backbone_spec
+from rlhf_lightning.models.heads import ScalarHead
+
+EnsembleMode = Literal["heads", "backbones"]
+
+
+class RewardScores(NamedTuple):
+    """Normalised scores of B sequences by K members.
+
+    members: (B, K); mean: (B,); std: (B,) population std over members (0 for K = 1).
+    """
+
+    members: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def conservative(self, k: float) -> torch.Tensor:
+        """(B,) mean - k * std: a reward that distrusts what the members disagree about."""
+        return self.mean - k * self.std
+
+
+class RewardModel(nn.Module):
+    """K scalar heads on one shared backbone (``mode="heads"``) or on K backbone copies (``mode="backbones"``).
+
+    Args:
+        backbone: the trunk (e.g. the SFT policy's backbone); copied K times for ``mode="backbones"``.
+        n_members: ensemble size K (1 = a single reward model).
+        mode: "heads" or "backbones".
+        seed: heads are initialised from seed, seed + 1, ...
+    """
+
+    def __init__(self, backbone: nn.Module, n_members: int = 1, mode: EnsembleMode = "heads", seed: int = 0):
+        super().__init__()
+        if n_members < 1:
+            raise ValueError(f"n_members must be >= 1, got {n_members}")
+        if mode not in ("heads", "backbones"):
+            raise ValueError(f"ensemble mode must be 'heads' or 'backbones', got {mode!r}")
+        self.mode = mode
+        n_trunks = n_members if mode == "backbones" else 1
+        self.backbones = nn.ModuleList([backbone] + [copy.deepcopy(backbone) for _ in range(n_trunks - 1)])
+        heads = []
+        for i in range(n_members):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + i)
+                heads.append(ScalarHead(backbone.hidden_size))
+        self.heads = nn.ModuleList(heads)
+        self.register_buffer("norm_mean", torch.zeros(n_members))
+        self.register_buffer("norm_std", torch.ones(n_members))
+
+    @property
+    def n_members(self) -> int:
+        return len(self.heads)
+
+    def raw_members(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unnormalised scores (B, K) of right-padded sequences.
+
+        Args:
+            input_ids: (B, T) prompt + response ids; attention_mask: (B, T) real tokens.
+        """
+        if self.mode == "heads":
+            hidden = self.backbones[0](input_ids, attention_mask)  # (B, T, D)
+            return torch.stack([head(hidden, attention_mask) for head in self.heads], dim=-1)
+        pairs = zip(self.backbones, self.heads, strict=True)
+        return torch.stack([head(trunk(input_ids, attention_mask), attention_mask) for trunk, head in pairs], dim=-1)
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> RewardScores:
+        """Normalised member scores and their mean and std; see :meth:`raw_members` for the arguments."""
+        members = (self.raw_members(input_ids, attention_mask) - self.norm_mean) / self.norm_std
+        std = members.std(dim=-1, unbiased=False) if self.n_members > 1 else torch.zeros_like(members[:, 0])
+        return RewardScores(members, members.mean(dim=-1), std)
+
+    def spec(self) -> dict:
+        """What a checkpoint needs to rebuild this model before loading its weights."""
+        return {"backbone": backbone_spec(self.backbones[0]), "n_members": self.n_members, "mode": self.mode}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> RewardModel:
+        return cls(backbone_from_spec(spec["backbone"]), spec["n_members"], spec["mode"])
+
+
+def load_reward_model(path: str | Path):
+    """(RewardModel in eval mode, Tokenizer) from a reward-phase checkpoint."""
+    from rlhf_lightning.checkpoint import RLHF_KEY, load_checkpoint
+    from rlhf_lightning.modules.base import tokenizer_from_meta
+
+    ckpt = load_checkpoint(path, phase="reward")
+    meta = ckpt[RLHF_KEY]
+    model = RewardModel.from_spec(meta["reward_model"])
+    prefix = "reward_model."
+    model.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    return model.eval(), tokenizer_from_meta(meta)

@@ -1,0 +1,73 @@
+"""PhaseModule: what every phase's LightningModule does the same way — the tokenizer it shares with its data
+module, a self-contained checkpoint (phase, tokenizer, model specs), and the run bookkeeping at train start."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+from rlhf_lightning.checkpoint import RLHF_KEY
+from rlhf_lightning.data.tokenizer import Tokenizer
+
+
+def tokenizer_meta(tokenizer: Tokenizer) -> dict[str, str | None]:
+    """The tokenizer as checkpoint entries (its JSON and special tokens)."""
+    return {"tokenizer": tokenizer.to_json_str(), "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+
+
+def tokenizer_from_meta(meta: dict[str, Any]) -> Tokenizer:
+    return Tokenizer.from_json_str(meta["tokenizer"], meta["eos_token"], meta["pad_token"])
+
+
+class PhaseModule(L.LightningModule):
+    """Base of the phase modules. Subclasses set ``PHASE``, build their models in ``configure_model`` (inside a
+    Trainer) and in ``build_from_checkpoint`` (when loaded on their own), and add entries with ``checkpoint_meta``."""
+
+    PHASE = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer: Tokenizer | None = None
+
+    @property
+    def built(self) -> bool:
+        return self.tokenizer is not None
+
+    def datamodule_tokenizer(self) -> Tokenizer:
+        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(f"{type(self).__name__} needs a data module with a tokenizer (see rlhf_lightning.data)")
+        return tokenizer
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Phase-specific entries of the checkpoint's ``rlhf`` record (model specs, statistics)."""
+        return {}
+
+    def build_from_checkpoint(self, meta: dict[str, Any]) -> None:
+        """Builds the (untrained) models the checkpoint's state dict will be loaded into."""
+        raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RLHF_KEY] = {"phase": self.PHASE, **tokenizer_meta(self.tokenizer), **self.checkpoint_meta()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get(RLHF_KEY) or {}
+        if meta.get("phase") != self.PHASE:
+            raise ValueError(f"{type(self).__name__} cannot load a checkpoint of phase {meta.get('phase')!r}")
+        saved = tokenizer_from_meta(meta)
+        if not self.built:  # loaded outside a Trainer: the checkpoint alone rebuilds everything
+            self.tokenizer = saved
+            self.build_from_checkpoint(meta)
+        elif saved.fingerprint() != self.tokenizer.fingerprint():
+            raise ValueError("the checkpoint's tokenizer differs from the data module's; resume with the same one")
+
+    def on_train_start(self) -> None:
+        # Skipped and truncated records are counted by the data module; the logger keeps them with the run.
+        stats = getattr(self.trainer.datamodule, "data_stats", {})
+        if stats and self.logger is not None:
+            self.logger.log_metrics(stats, step=self.global_step)
+        # The tokenizer also sits beside the checkpoints as files (each checkpoint embeds it as well).
+        ckpt_dir = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        if ckpt_dir and self.trainer.is_global_zero:
+            self.tokenizer.save(ckpt_dir)

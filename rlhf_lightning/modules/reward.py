@@ -1,0 +1,243 @@
+"""Phase 2: the Bradley-Terry reward model on the shared backbone.
+
+The backbone starts from the SFT checkpoint (its LM head is not used); a scalar head reads the hidden state of the
+last real token of prompt + response. Loss: ``-log sigmoid(r_chosen - r_rejected - margin)`` (the kernels' fused,
+stable form). An ensemble of K members (see :mod:`rlhf_lightning.models.reward`) trains each member on its own
+bootstrap resample of the pairs: pair i counts w[i, k] ~ Poisson(1) times in member k's loss (the online bootstrap),
+drawn once from ``seed`` and kept in the checkpoint.
+
+Validation logs, on held-out pairs: ``rm/accuracy`` against the labels and, on the world, ``rm/accuracy_gold``
+against the gold judge's ordering beside ``rm/bayes_accuracy`` (the best any model can reach under the annotators'
+noise), ``rm/margin``, ``rm/ece``, ``rm/len_corr`` (score vs response length), score mean/std and, for ensembles,
+``rm/ensemble_std``. It then refreshes the normalisation statistics: each member's score mean and std on responses
+the SFT policy samples for training prompts, kept in the model's buffers and so in every checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+import rlhf_kernels
+from rlhf_lightning.checkpoint import RLHF_KEY, load_checkpoint
+from rlhf_lightning.metrics import expected_calibration_error, order_agreement, pairwise_accuracy, pearson
+from rlhf_lightning.models.backbone import backbone_from_spec
+from rlhf_lightning.models.reward import RewardModel
+from rlhf_lightning.models.sampling import SamplingConfig, generate
+from rlhf_lightning.modules.base import PhaseModule, tokenizer_from_meta
+from rlhf_lightning.modules.common import adamw_with_warmup_cosine
+
+
+def load_sft_backbone(path: str):
+    """(backbone with the SFT weights, its tokenizer) from an SFT checkpoint."""
+    ckpt = load_checkpoint(path, phase="sft")
+    meta = ckpt[RLHF_KEY]
+    backbone = backbone_from_spec(meta["backbone"])
+    backbone.load_state_dict({k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    return backbone, tokenizer_from_meta(meta)
+
+
+def pair_scores(model: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw member scores (B, K) of the chosen and of the rejected responses, in one (2B, T) forward pass.
+
+    Args:
+        batch: ``chosen_ids``, ``chosen_mask``, ``rejected_ids``, ``rejected_mask``, each (B, T) right-padded.
+    """
+    ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
+    mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
+    return model.raw_members(ids, mask).chunk(2)
+
+
+def pair_losses(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Bradley-Terry loss of every pair and member, (B, K), from member scores (B, K) (fused kernel)."""
+    losses = rlhf_kernels.bradley_terry_loss(r_chosen.flatten(), r_rejected.flatten(), margin, reduction="none")
+    return losses.view_as(r_chosen)
+
+
+class RewardModule(PhaseModule):
+    """Bradley-Terry reward model (single or ensemble) initialised from the SFT policy.
+
+    Args:
+        sft_checkpoint: the SFT phase's checkpoint (backbone weights and tokenizer).
+        ensemble_size: K members (1 = a single reward model).
+        ensemble_mode: "heads" (K heads on one shared trunk) or "backbones" (K trunks).
+        bootstrap: train each member on its own Poisson(1) bootstrap resample (only with K > 1).
+        margin: required score gap in the loss.
+        lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with linear warmup then cosine decay.
+        norm_samples: SFT-policy samples (of training prompts) the normalisation statistics are computed on.
+        norm_sampling: how those samples are drawn.
+        seed: seed of the heads' initialisation, the bootstrap weights and the normalisation samples.
+    """
+
+    PHASE = "reward"
+
+    def __init__(
+        self,
+        sft_checkpoint: str = "runs/sft/checkpoints/last.ckpt",
+        ensemble_size: int = 1,
+        ensemble_mode: Literal["heads", "backbones"] = "heads",
+        bootstrap: bool = True,
+        margin: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.1,
+        norm_samples: int = 512,
+        norm_sampling: SamplingConfig | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if ensemble_size < 1:
+            raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}")
+        self.norm_sampling = norm_sampling or SamplingConfig(max_new_tokens=48, temperature=1.0)
+        self.reward_model: RewardModel | None = None
+        self._val: list[dict[str, torch.Tensor]] = []
+        self._norm_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._norm_step = -1
+
+    # -- model construction ------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.built or self._trainer is None:
+            return
+        h = self.hparams
+        backbone, sft_tokenizer = load_sft_backbone(h.sft_checkpoint)
+        tokenizer = self.datamodule_tokenizer()
+        if sft_tokenizer.fingerprint() != tokenizer.fingerprint():
+            raise ValueError(
+                f"the data module's tokenizer differs from the one of {h.sft_checkpoint}; the reward model must read "
+                "text exactly as the policy does (point data.tokenizer_path at the SFT checkpoint's folder)"
+            )
+        self.tokenizer = tokenizer
+        self.reward_model = RewardModel(backbone, h.ensemble_size, h.ensemble_mode, h.seed)
+        n_train = len(self.trainer.datamodule.train_examples)
+        g = torch.Generator().manual_seed(h.seed)
+        use_bootstrap = h.bootstrap and h.ensemble_size > 1
+        weights = torch.poisson(torch.ones(n_train, h.ensemble_size), generator=g) if use_bootstrap else None
+        self.register_buffer("bootstrap_weights", weights if weights is not None else torch.ones(n_train, 1))
+        self._norm_batch = self._sample_sft_responses(backbone)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"reward_model": self.reward_model.spec(), "sft_checkpoint": str(self.hparams.sft_checkpoint)}
+
+    def build_from_checkpoint(self, meta: dict[str, Any]) -> None:
+        self.reward_model = RewardModel.from_spec(meta["reward_model"])
+        self.register_buffer("bootstrap_weights", torch.ones(0, 1))  # resized by load_state_dict's copy below
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if "bootstrap_weights" in state_dict:  # its length is the training set's, unknown before the load
+            self.bootstrap_weights = torch.empty_like(state_dict["bootstrap_weights"])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @torch.no_grad()
+    def _sample_sft_responses(self, policy: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt + response token batches (right-padded) the SFT policy samples for training prompts, drawn once
+        with a private generator: the data the normalisation statistics are measured on."""
+        h, dm = self.hparams, self.trainer.datamodule
+        prompts = dm.train_prompt_batch(h.norm_samples, h.seed)
+        gen = torch.Generator().manual_seed(h.seed)
+        was_training = policy.training
+        policy.eval()
+        out = generate(policy, prompts["prompt_ids"], prompts["prompt_mask"], self.norm_sampling,
+                       self.tokenizer.eos_id, self.tokenizer.pad_id, gen)  # fmt: skip
+        policy.train(was_training)
+        return join_left_right(prompts["prompt_ids"], prompts["prompt_mask"], out.response_ids, out.response_mask)
+
+    # -- training ----------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        r_c, r_r = pair_scores(self.reward_model, batch)  # (B, K)
+        losses = pair_losses(r_c, r_r, self.hparams.margin)  # (B, K)
+        w = self.bootstrap_weights[batch["index"]].expand(-1, r_c.shape[1])  # (B, K)
+        loss = ((losses * w).sum(0) / w.sum(0).clamp(min=1)).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"rm/loss is {loss.item()} at step {self.global_step}: stopping")
+        self.log("rm/loss", loss, prog_bar=True)
+        self.log("rm/train_accuracy", pairwise_accuracy(r_c.mean(1), r_r.mean(1)))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        r_c, r_r = pair_scores(self.reward_model, batch)
+        self._val.append({
+            "r_c": r_c.detach().cpu(), "r_r": r_r.detach().cpu(), "index": batch["index"].cpu(),
+            "len_c": batch["chosen_response_len"].cpu(), "len_r": batch["rejected_response_len"].cpu(),
+        })  # fmt: skip
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        v = {key: torch.cat([b[key] for b in self._val]) for key in self._val[0]}
+        self._val.clear()
+        r_c, r_r = v["r_c"].mean(1), v["r_r"].mean(1)  # ensemble mean (raw scores)
+        scores, lengths = torch.cat([r_c, r_r]), torch.cat([v["len_c"], v["len_r"]])
+        metrics = {
+            "rm/accuracy": pairwise_accuracy(r_c, r_r),
+            "rm/margin": float((r_c - r_r).mean()),
+            "rm/ece": expected_calibration_error(r_c, r_r),
+            "rm/len_corr": pearson(scores, lengths.float()),
+            "rm/score_mean": float(scores.mean()),
+            "rm/score_std": float(scores.std()),
+        }
+        if v["r_c"].shape[1] > 1:
+            metrics["rm/ensemble_std"] = float(torch.cat([v["r_c"], v["r_r"]]).std(dim=1, unbiased=False).mean())
+        dm = self.trainer.datamodule
+        if getattr(dm, "val_gold", None) is not None:
+            g_c, g_r = (g[v["index"]] for g in dm.val_gold)
+            metrics["rm/accuracy_gold"] = order_agreement(r_c - r_r, g_c - g_r)
+        if getattr(dm, "bayes_accuracy", None) is not None:
+            metrics["rm/bayes_accuracy"] = dm.bayes_accuracy
+        if not self.trainer.sanity_checking:
+            self.refresh_normalisation()
+            metrics["rm/norm_mean"] = float(self.reward_model.norm_mean.mean())
+            metrics["rm/norm_std"] = float(self.reward_model.norm_std.mean())
+        self.log_dict(metrics)
+
+    @torch.no_grad()
+    def refresh_normalisation(self) -> None:
+        """Sets each member's norm_mean / norm_std to its raw score statistics on the SFT-policy samples."""
+        if self._norm_batch is None or self._norm_step == self.global_step:
+            return
+        ids, mask = (t.to(self.device) for t in self._norm_batch)
+        was_training = self.reward_model.training
+        self.reward_model.eval()
+        chunks = zip(ids.split(256), mask.split(256), strict=True)
+        raw = torch.cat([self.reward_model.raw_members(i, m) for i, m in chunks])  # (n, K)
+        self.reward_model.train(was_training)
+        self.reward_model.norm_mean.copy_(raw.mean(0))
+        self.reward_model.norm_std.copy_(raw.std(0).clamp(min=1e-6))
+        self._norm_step = self.global_step
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Every checkpoint carries statistics measured on its own weights.
+        if self._norm_step != self.global_step and self._norm_batch is not None:
+            self.refresh_normalisation()
+            checkpoint["state_dict"]["reward_model.norm_mean"] = self.reward_model.norm_mean.clone()
+            checkpoint["state_dict"]["reward_model.norm_std"] = self.reward_model.norm_std.clone()
+        super().on_save_checkpoint(checkpoint)
+
+    def configure_optimizers(self) -> dict:
+        h = self.hparams
+        return adamw_with_warmup_cosine(
+            self.reward_model, h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps,
+            self.trainer.estimated_stepping_batches, h.min_lr_ratio,
+        )  # fmt: skip
+
+
+def join_left_right(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts + right-padded responses -> right-padded prompt + response sequences.
+
+    Args:
+        prompt_ids, prompt_mask: (B, P) left-padded.
+        response_ids, response_mask: (B, R) right-padded (generated).
+
+    Returns:
+        ids, mask: (B, P + R) with each row's real tokens first.
+    """
+    ids = torch.cat([prompt_ids, response_ids], 1)  # (B, P + R)
+    mask = torch.cat([prompt_mask.bool(), response_mask.bool()], 1)
+    # A stable sort of ~mask moves real tokens to the front in their order, padding to the back.
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    return ids.gather(1, order), mask.gather(1, order)
