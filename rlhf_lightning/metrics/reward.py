@@ -25,7 +25,8 @@ def order_agreement(diff: torch.Tensor, reference_diff: torch.Tensor) -> float:
     keep = reference_diff != 0
     if not bool(keep.any()):
         return float("nan")
-    return float(((diff[keep] > 0) == (reference_diff[keep] > 0)).float().mean())
+    d, r = diff[keep], reference_diff[keep]
+    return float(((d * r > 0).float() + 0.5 * (d == 0).float()).mean())  # a model tie counts half
 
 
 def expected_calibration_error(r_chosen: torch.Tensor, r_rejected: torch.Tensor, n_bins: int = 10) -> float:

@@ -92,6 +92,8 @@ class RewardModule(PhaseModule):
         self.save_hyperparameters()
         if ensemble_size < 1:
             raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}")
+        if norm_samples < 2:
+            raise ValueError(f"norm_samples must be >= 2 (a std needs two samples), got {norm_samples}")
         self.norm_sampling = norm_sampling or SamplingConfig(max_new_tokens=48, temperature=1.0)
         self.reward_model: RewardModel | None = None
         self._val: list[dict[str, torch.Tensor]] = []
