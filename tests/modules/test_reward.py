@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_sft import TINY
 
 from rlhf_lightning.checkpoint import RLHF_KEY, load_checkpoint
 from rlhf_lightning.cli import main
@@ -21,17 +22,7 @@ from rlhf_lightning.modules.reward import join_left_right, load_sft_backbone
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-SFT_TINY = [
-    "--model.init_args.backbone.n_layer=1",
-    "--model.init_args.backbone.d_model=32",
-    "--model.init_args.backbone.n_head=2",
-    "--data.init_args.eval_prompts=8",
-    "--trainer.max_steps=6",
-    "--trainer.val_check_interval=3",
-    "--trainer.limit_val_batches=2",
-    "--trainer.log_every_n_steps=1",
-    *QUIET,
-]
+SFT_TINY = TINY  # the tiny SFT run of test_sft.py, whose checkpoint the reward phase starts from
 NORM_SAMPLES = 16
 RM_TINY = [
     "--model.init_args.ensemble_size=2",
