@@ -10,6 +10,9 @@ import torch
 
 from rlhf_kernels import bench
 
+# The CPU benchmark path (subprocesses, peak resident set); the CUDA path is run by hand on a GPU machine.
+pytestmark = pytest.mark.cpu_only
+
 
 def test_bench_tiny_cpu_writes_json(tmp_path, capsys):
     out = tmp_path / "r.json"

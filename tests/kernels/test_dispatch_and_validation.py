@@ -22,6 +22,12 @@ from rlhf_kernels.reference import token_logprobs_reference
 
 CPU = torch.device("cpu")
 
+
+def _test_device() -> torch.device:
+    """Where the tests make tensors: CPU, or CUDA under RLHF_TEST_DEVICE=cuda (the default device then)."""
+    return torch.empty(0).device
+
+
 needs_triton = pytest.mark.skipif(not rlhf_kernels.triton_available(), reason="triton is not installed")
 
 
@@ -29,11 +35,13 @@ def test_triton_available_matches_installation() -> None:
     assert rlhf_kernels.triton_available() == (importlib.util.find_spec("triton") is not None)
 
 
+@pytest.mark.cpu_only
 def test_auto_picks_torch_on_cpu() -> None:
     assert resolve_backend("auto", CPU) is torch_backend
     assert resolve_backend("torch", CPU) is torch_backend
 
 
+@pytest.mark.cpu_only
 @needs_triton
 def test_triton_backend_resolves_under_the_interpreter() -> None:
     import rlhf_kernels.triton_backend as triton_backend
@@ -60,7 +68,7 @@ def test_environment_forces_triton(monkeypatch: pytest.MonkeyPatch, asked: str) 
     import rlhf_kernels.triton_backend as triton_backend
 
     monkeypatch.setenv(ENV_VAR, "triton")
-    assert resolve_backend(asked, CPU) is triton_backend
+    assert resolve_backend(asked, _test_device()) is triton_backend
     triton_calls = _spy(monkeypatch, triton_backend, "logprob_forward")
     torch_calls = _spy(monkeypatch, torch_backend, "logprob_forward")
     logits = make_logits(8, 37)
@@ -109,6 +117,7 @@ def test_invalid_backend_name(name: str) -> None:
         kl_estimate(torch.zeros(3), torch.zeros(3), backend=name)
 
 
+@pytest.mark.cpu_only
 @needs_triton
 def test_triton_on_cpu_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -219,7 +228,7 @@ def test_invalid_arguments(case: str) -> None:
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_checks_run_before_any_kernel(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     """A bad target id is reported by the checks, on either backend, before a kernel could read out of bounds."""
-    module = resolve_backend(backend, CPU)
+    module = resolve_backend(backend, _test_device())
     calls = _spy(monkeypatch, module, "logprob_forward")
     with pytest.raises(ValueError, match=r"targets\[0\]"):
         token_logprobs(_logits(), _targets_with(0, -3), backend=backend)
