@@ -38,6 +38,18 @@ def _cdt(t: torch.Tensor) -> tl.dtype:
     return _TL_DTYPES[compute_dtype(t.dtype)]
 
 
+def _inv_temperature(temperature: float, logits: torch.Tensor) -> torch.Tensor:
+    """(1,) tensor holding 1 / temperature in the compute dtype of ``logits``, on their device.
+
+    The row kernels multiply by it: one correctly rounded product per logit, the same in the statistics and the
+    gradient kernels. (A division compiles to an approximate reciprocal that may differ between kernels, and with
+    huge logits one ulp of the scaled logit moves a probability of 1 by 1e-3.) The row kernels are also launched with
+    ``enable_fp_fusion=False`` so that no multiply-add contraction rounds the same expression differently in two of
+    them.
+    """
+    return torch.full((1,), 1.0 / temperature, dtype=compute_dtype(logits.dtype), device=logits.device)
+
+
 @triton.jit
 def _online_max(m, z):
     """Running max after block z, the shift to use (0 while everything is -inf) and the rescale of older sums."""
@@ -49,17 +61,18 @@ def _online_max(m, z):
 
 @triton.jit
 def _logprob_stats_kernel(
-    x_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr, stride_x, V, temperature,
+    x_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr, stride_x, V, inv_t_ptr,
     WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
+    inv_t = tl.load(inv_t_ptr)  # 1 / temperature in the compute dtype (a Python float would arrive as fp32)
     x_row = x_ptr + row * stride_x
     m = tl.full([], float("-inf"), CDT)
     s = tl.zeros([], CDT)  # sum exp(z - shift)
     w = tl.zeros([], CDT)  # sum exp(z - shift) * (z - shift), for the entropy
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(CDT) / temperature
+        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(CDT) * inv_t
         m_new, shift, alpha = _online_max(m, z)
         e = tl.exp(z - shift)
         if WITH_ENTROPY:
@@ -72,7 +85,7 @@ def _logprob_stats_kernel(
     log_s = tl.log(s)
     lse = shift + log_s
     target = tl.load(t_ptr + row)
-    diff = tl.load(x_row + target).to(CDT) / temperature - lse
+    diff = tl.load(x_row + target).to(CDT) * inv_t - lse
     tl.store(logp_ptr + row, tl.where(diff > 0, 0.0, diff))  # clamp to <= 0, NaN passes through
     tl.store(lse_ptr + row, lse)
     if WITH_ENTROPY:
@@ -81,10 +94,11 @@ def _logprob_stats_kernel(
 
 @triton.jit
 def _logprob_grad_kernel(
-    x_ptr, t_ptr, lse_ptr, ent_ptr, clp_ptr, ch_ptr, out_ptr, stride_x, stride_o, V, temperature,
+    x_ptr, t_ptr, lse_ptr, ent_ptr, clp_ptr, ch_ptr, out_ptr, stride_x, stride_o, V, inv_t_ptr,
     HAS_CH: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
+    inv_t = tl.load(inv_t_ptr)  # 1 / temperature in the compute dtype (a Python float would arrive as fp32)
     x_row = x_ptr + row * stride_x
     out_row = out_ptr + row * stride_o
     lse = tl.load(lse_ptr + row).to(CDT)
@@ -95,22 +109,23 @@ def _logprob_grad_kernel(
         entropy = tl.load(ent_ptr + row).to(CDT)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        logp = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(CDT) / temperature - lse
+        logp = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(CDT) * inv_t - lse
         p = tl.exp(logp)
         if HAS_CH:
             g = tl.where(p > 0, -p * (c_lp + c_h * (logp + entropy)), 0.0)
         else:
             g = -p * c_lp
-        g = tl.where(cols == target, g + c_lp, g) / temperature
+        g = tl.where(cols == target, g + c_lp, g) * inv_t
         tl.store(out_row + cols, g.to(out_ptr.dtype.element_ty), mask=cols < V)
 
 
 @triton.jit
 def _kl_stats_kernel(
-    x_ptr, r_ptr, kl_ptr, lsep_ptr, lseq_ptr, stride_x, stride_r, V, temperature,
+    x_ptr, r_ptr, kl_ptr, lsep_ptr, lseq_ptr, stride_x, stride_r, V, inv_t_ptr,
     BLOCK: tl.constexpr, CDT: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
+    inv_t = tl.load(inv_t_ptr)  # 1 / temperature in the compute dtype (a Python float would arrive as fp32)
     x_row = x_ptr + row * stride_x
     r_row = r_ptr + row * stride_r
     mp = tl.full([], float("-inf"), CDT)
@@ -120,8 +135,8 @@ def _kl_stats_kernel(
     w = tl.zeros([], CDT)  # sum exp(zp - shift_p) * (zp - zq)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        zp = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(CDT) / temperature
-        zq = tl.load(r_row + cols, mask=cols < V, other=float("-inf")).to(CDT) / temperature
+        zp = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(CDT) * inv_t
+        zq = tl.load(r_row + cols, mask=cols < V, other=float("-inf")).to(CDT) * inv_t
         mp_new, shift_p, alpha_p = _online_max(mp, zp)
         mq_new, shift_q, alpha_q = _online_max(mq, zq)
         ep = tl.exp(zp - shift_p)
@@ -139,21 +154,22 @@ def _kl_stats_kernel(
 
 @triton.jit
 def _kl_grad_kernel(
-    x_ptr, r_ptr, lsep_ptr, lseq_ptr, kl_ptr, c_ptr, out_ptr, stride_x, stride_r, stride_o, V, temperature,
+    x_ptr, r_ptr, lsep_ptr, lseq_ptr, kl_ptr, c_ptr, out_ptr, stride_x, stride_r, stride_o, V, inv_t_ptr,
     BLOCK: tl.constexpr, CDT: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
+    inv_t = tl.load(inv_t_ptr)  # 1 / temperature in the compute dtype (a Python float would arrive as fp32)
     x_row = x_ptr + row * stride_x
     r_row = r_ptr + row * stride_r
     out_row = out_ptr + row * stride_o
     lse_p = tl.load(lsep_ptr + row).to(CDT)
     lse_q = tl.load(lseq_ptr + row).to(CDT)
     kl = tl.load(kl_ptr + row).to(CDT)
-    c = tl.load(c_ptr + row).to(CDT) / temperature
+    c = tl.load(c_ptr + row).to(CDT) * inv_t
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        logp = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(CDT) / temperature - lse_p
-        logq = tl.load(r_row + cols, mask=cols < V, other=float("-inf")).to(CDT) / temperature - lse_q
+        logp = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(CDT) * inv_t - lse_p
+        logq = tl.load(r_row + cols, mask=cols < V, other=float("-inf")).to(CDT) * inv_t - lse_q
         p = tl.exp(logp)
         g = tl.where(p > 0, c * p * (logp - logq - kl), 0.0)
         tl.store(out_row + cols, g.to(out_ptr.dtype.element_ty), mask=cols < V)
@@ -215,8 +231,9 @@ def logprob_forward(
     block, num_warps = _launch_config(v)
     if n > 0:
         _logprob_stats_kernel[(n,)](
-            logits, targets, logp, lse, entropy if with_entropy else lse, logits.stride(0), v, float(temperature),
-            WITH_ENTROPY=with_entropy, BLOCK=block, CDT=_cdt(logits), num_warps=num_warps,
+            logits, targets, logp, lse, entropy if with_entropy else lse, logits.stride(0), v,
+            _inv_temperature(temperature, logits),
+            WITH_ENTROPY=with_entropy, BLOCK=block, CDT=_cdt(logits), num_warps=num_warps, enable_fp_fusion=False,
         )  # fmt: skip
     if coef_fn is not None:
         c_lp, c_h = coef_fn(slice(0, n), logp, entropy)
@@ -242,8 +259,8 @@ def logprob_backward(
     has_ch = c_h is not None
     _logprob_grad_kernel[(n,)](
         logits, targets, lse, entropy if has_ch else lse, c_lp.contiguous(), c_h.contiguous() if has_ch else c_lp,
-        out, logits.stride(0), out.stride(0), v, float(temperature),
-        HAS_CH=has_ch, BLOCK=block, CDT=_cdt(logits), num_warps=num_warps,
+        out, logits.stride(0), out.stride(0), v, _inv_temperature(temperature, logits),
+        HAS_CH=has_ch, BLOCK=block, CDT=_cdt(logits), num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
 
 
@@ -257,8 +274,9 @@ def kl_forward(
     block, num_warps = _launch_config(v)
     if n > 0:
         _kl_stats_kernel[(n,)](
-            logits, ref_logits, kl, lse_p, lse_q, logits.stride(0), ref_logits.stride(0), v, float(temperature),
-            BLOCK=block, CDT=_cdt(logits), num_warps=num_warps,
+            logits, ref_logits, kl, lse_p, lse_q, logits.stride(0), ref_logits.stride(0), v,
+            _inv_temperature(temperature, logits),
+            BLOCK=block, CDT=_cdt(logits), num_warps=num_warps, enable_fp_fusion=False,
         )  # fmt: skip
     return kl, lse_p, lse_q
 
@@ -280,8 +298,8 @@ def kl_backward(
     block, num_warps = _launch_config(v)
     _kl_grad_kernel[(n,)](
         logits, ref_logits, lse_p, lse_q, kl, c.contiguous(), out,
-        logits.stride(0), ref_logits.stride(0), out.stride(0), v, float(temperature),
-        BLOCK=block, CDT=_cdt(logits), num_warps=num_warps,
+        logits.stride(0), ref_logits.stride(0), out.stride(0), v, _inv_temperature(temperature, logits),
+        BLOCK=block, CDT=_cdt(logits), num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
 
 

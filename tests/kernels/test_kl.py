@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import GRAD_TOL, VALUE_TOL, assert_finite, fp64_leaf, leaf, make_logits
+from conftest import EXACT_ON_CPU, GRAD_TOL, VALUE_TOL, assert_finite, fp64_leaf, leaf, make_logits
 
 import rlhf_kernels.torch_backend as torch_backend
 from rlhf_kernels import kl_from_logits
@@ -178,7 +178,7 @@ def test_torch_backend_chunking(monkeypatch: pytest.MonkeyPatch, v: int) -> None
     assert len(torch_backend._row_chunks(40, v)) > 1
     chunked = run()
     for a, b in zip(whole, chunked, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, **EXACT_ON_CPU)
 
 
 def test_nothing_of_size_n_by_v_saved_but_the_inputs(backend: str) -> None:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import GRAD_TOL, VALUE_TOL, assert_finite, fp64_leaf, leaf, make_logits, sample_targets
+from conftest import EXACT_ON_CPU, GRAD_TOL, VALUE_TOL, assert_finite, fp64_leaf, leaf, make_logits, sample_targets
 
 import rlhf_kernels.torch_backend as torch_backend
 from rlhf_kernels import PPOLossStats, ppo_loss_from_logits
@@ -372,7 +372,7 @@ def test_torch_backend_chunking(monkeypatch: pytest.MonkeyPatch, v: int, inplace
     assert len(torch_backend._row_chunks(40, v)) > 1
     chunked = run_op(batch, "torch", inplace, **options)
     for a, b in zip((whole[0], *whole[1], whole[2]), (chunked[0], *chunked[1], chunked[2]), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, **EXACT_ON_CPU)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
