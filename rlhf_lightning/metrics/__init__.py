@@ -1,13 +1,38 @@
 """Diversity and reward-model metrics."""
 
-from rlhf_lightning.metrics.diversity import distinct_n, ngram_counts
+from rlhf_lightning.metrics.diversity import (
+    DistinctN,
+    DiversityMetric,
+    ExpectationAdjustedDistinct,
+    NgramOverlap,
+    SelfBLEU,
+    distinct_n,
+    diversity_metrics,
+    expectation_adjusted_distinct,
+    group_sequences,
+    ngram_counts,
+    ngram_overlap,
+    self_bleu,
+    token_lists,
+)
 from rlhf_lightning.metrics.reward import expected_calibration_error, order_agreement, pairwise_accuracy, pearson
 
 __all__ = [
+    "DistinctN",
+    "DiversityMetric",
+    "ExpectationAdjustedDistinct",
+    "NgramOverlap",
+    "SelfBLEU",
     "distinct_n",
+    "diversity_metrics",
+    "expectation_adjusted_distinct",
     "expected_calibration_error",
+    "group_sequences",
     "ngram_counts",
+    "ngram_overlap",
     "order_agreement",
     "pairwise_accuracy",
     "pearson",
+    "self_bleu",
+    "token_lists",
 ]
