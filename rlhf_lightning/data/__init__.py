@@ -17,7 +17,7 @@ from rlhf_lightning.data.collate import (
     tokenize_sft,
 )
 from rlhf_lightning.data.jsonl import SCHEMAS, DataError, JsonlData, atomic_open, read_jsonl, write_jsonl
-from rlhf_lightning.data.modules import PreferenceDataModule, RLHFDataModule, SFTDataModule
+from rlhf_lightning.data.modules import PreferenceDataModule, PromptDataModule, RLHFDataModule, SFTDataModule
 from rlhf_lightning.data.tokenizer import Tokenizer
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "JsonlData",
     "PreferenceDataModule",
     "PreferenceExample",
+    "PromptDataModule",
     "PromptExample",
     "RLHFDataModule",
     "SFTDataModule",

@@ -181,7 +181,7 @@ def collate_sft(examples: Sequence[SFTExample], pad_id: int) -> dict[str, torch.
     """
     prompt_len = torch.tensor([len(e.prompt_ids) for e in examples])  # (B,)
     seq_len = prompt_len + torch.tensor([len(e.response_ids) for e in examples])  # (B,)
-    input_ids, attention_mask = _pad([e.prompt_ids + e.response_ids for e in examples], pad_id, left=False)
+    input_ids, attention_mask = pad_sequences([e.prompt_ids + e.response_ids for e in examples], pad_id, left=False)
     targets = torch.full_like(input_ids, pad_id)
     targets[:, :-1] = input_ids[:, 1:]
     pos = torch.arange(input_ids.shape[1])  # (T,)
@@ -199,7 +199,7 @@ def collate_pairs(examples: Sequence[PreferenceExample], pad_id: int) -> dict[st
         chosen_response_len, rejected_response_len: (B,) int64, response tokens, EOS included.
     """
     seqs = [e.prompt_ids + e.chosen_ids for e in examples] + [e.prompt_ids + e.rejected_ids for e in examples]
-    ids, mask = _pad(seqs, pad_id, left=False)  # (2B, T): chosen rows first
+    ids, mask = pad_sequences(seqs, pad_id, left=False)  # (2B, T): chosen rows first
     b = len(examples)
     return {
         "chosen_ids": ids[:b],
@@ -219,11 +219,11 @@ def collate_prompts(examples: Sequence[PromptExample], pad_id: int) -> dict[str,
         prompt_ids: (B, P) int64, left-padded with ``pad_id``; P = the longest prompt.
         prompt_mask: (B, P) bool, True on real tokens.
     """
-    prompt_ids, prompt_mask = _pad([e.prompt_ids for e in examples], pad_id, left=True)
+    prompt_ids, prompt_mask = pad_sequences([e.prompt_ids for e in examples], pad_id, left=True)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
 
 
-def _pad(seqs: Sequence[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(seqs: Sequence[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, T) int64 ids padded with ``pad_id`` on one side, and the (N, T) bool mask of real tokens."""
     if not seqs:
         raise ValueError("cannot collate an empty batch")

@@ -11,6 +11,7 @@ Records are read and validated once, tokenised once in ``setup`` (not per epoch)
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict
 from functools import partial
@@ -19,7 +20,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from rlhf_lightning.data.collate import (
     collate_pairs,
@@ -273,3 +274,65 @@ def collate_indexed_pairs(items: list, pad_id: int) -> dict[str, torch.Tensor]:
     batch = collate_pairs([example for _, example in items], pad_id)
     batch["index"] = torch.tensor([i for i, _ in items])
     return batch
+
+
+class _Ticks(IterableDataset):
+    """0, 1, 2, ... forever: the PPO phase's training "batches" are iteration ticks (see PromptDataModule)."""
+
+    def __iter__(self):
+        return itertools.count()
+
+
+class PromptDataModule(RLHFDataModule):
+    """Prompts ``{"prompt"}`` for the PPO phase.
+
+    The PPO module draws each iteration's prompts itself with :meth:`rollout_prompts`, a pure function of the
+    iteration number (and the seed, rank and world size): every rank walks its own slice of a fresh permutation of the
+    training prompts per pass over them, so a run resumed at iteration i draws exactly the prompts an uninterrupted
+    run would, with no data-loader state to restore. The train data loader only yields iteration ticks; the module
+    stops the run after its ``iterations``.
+
+    Args:
+        train_file: JSONL of prompts; default ``data_dir/prompts_train.jsonl``.
+        (the rest: see :class:`RLHFDataModule`; ``batch_size`` is unused, the PPO module's ``rollout_batch`` counts)
+    """
+
+    def __init__(self, *args, train_file: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters()
+        self._train: list = []
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self._train:
+            return
+        records = self._read("prompts_train.jsonl", "prompt", self.hparams.train_file)
+        examples, stats = tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len)
+        self.train_prompts = [r["prompt"] for r in records]
+        self._train = examples
+        for key, value in asdict(stats).items():
+            self.data_stats[f"data/{key}/prompts_train"] = float(value)
+
+    def rollout_prompts(
+        self, iteration: int, n: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """The n prompts of one rank at one iteration: their texts and a left-padded batch (see the class doc).
+
+        Prompt k of the run's sequence (k = (iteration * world_size + rank) * n + j) is entry k mod M of the
+        permutation of the M training prompts drawn from (seed, k // M).
+        """
+        m = len(self._train)
+        if m == 0:
+            raise ValueError("no training prompts: call setup() first (or the prompt file is empty)")
+        first = (iteration * world_size + rank) * n
+        picks, perms = [], {}
+        for k in range(first, first + n):
+            epoch = k // m
+            if epoch not in perms:
+                perms[epoch] = torch.randperm(m, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            picks.append(int(perms[epoch][k % m]))
+        batch = collate_prompts([self._train[i] for i in picks], self.tokenizer.pad_id)
+        return [self.train_prompts[i] for i in picks], batch
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Ticks(), batch_size=None)

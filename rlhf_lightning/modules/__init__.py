@@ -1,6 +1,7 @@
 """The phases as LightningModules: orchestration only; the math lives in rlhf_kernels and rlhf_lightning.rl."""
 
+from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.modules.reward import RewardModule
 from rlhf_lightning.modules.sft import SFTModule
 
-__all__ = ["RewardModule", "SFTModule"]
+__all__ = ["PPOModule", "RewardModule", "SFTModule"]

@@ -1,0 +1,93 @@
+"""Reward shaping: per-token rewards from a sequence score and the KL penalty, and running score statistics.
+
+The policy is penalised ``beta * KL_t`` at every generated token and receives the (clipped) score at its last real
+token: summed over a response this is ``score - beta * KL(pi || pi_sft)`` of the whole sequence, the KL-regularised
+objective whose optimum is ``pi_sft * exp(score / beta) / Z``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class ShapedRewards(NamedTuple):
+    """rewards: (B, R) per-token rewards; score: (B,) the score actually paid (clipped, EOS penalty added);
+    penalty: (B, R) the KL part alone, -beta * KL_t (0 when the KL is in the loss instead)."""
+
+    rewards: torch.Tensor
+    score: torch.Tensor
+    penalty: torch.Tensor
+
+
+def last_real_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) column of each row's last real token in a right-padded (B, R) mask (-1 for an empty row)."""
+    return mask.long().sum(-1) - 1
+
+
+def shape_rewards(
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    ended: torch.Tensor,
+    missing_eos_penalty: float = 0.0,
+    score_clip: float | None = None,
+) -> ShapedRewards:
+    """Per-token rewards of a rollout.
+
+    Args:
+        scores: (B,) sequence scores (reward model, judge or callable).
+        kl: (B, R) per-token KL (0 at padding); pass zeros when the KL is in the loss instead.
+        mask: (B, R) real response tokens, contiguous from column 0; each row has at least one.
+        beta: the KL coefficient.
+        ended: (B,) True where the response emitted EOS.
+        missing_eos_penalty: added to the score of responses that never emitted EOS (usually < 0).
+        score_clip: clip scores to [-score_clip, score_clip] first (None: no clip).
+    """
+    if bool((mask.sum(-1) == 0).any()):
+        raise ValueError("every response needs at least one token to receive its score")
+    score = scores.float()
+    if score_clip is not None:
+        score = score.clamp(-score_clip, score_clip)
+    score = score + torch.where(ended, 0.0, float(missing_eos_penalty))
+    penalty = -beta * kl.float() * mask
+    rewards = penalty.clone()
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_real_index(mask)] += score
+    return ShapedRewards(rewards, score, penalty)
+
+
+class RunningMoments:
+    """Running mean and standard deviation of a stream of scores (Chan et al.'s parallel update, in fp64).
+
+    Used to rescale the scores the policy sees when ``score_norm="running"``; its state is part of the checkpoint
+    so a resumed run scales exactly as an uninterrupted one.
+    """
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / (self.count - 1)) ** 0.5 if self.count > 1 else 1.0
+
+    def update(self, x: torch.Tensor) -> None:
+        """Adds the values of x (any shape)."""
+        x = x.detach().double().flatten()
+        n = x.numel()
+        if n == 0:
+            return
+        mean, m2 = float(x.mean()), float(((x - x.mean()) ** 2).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])

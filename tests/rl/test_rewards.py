@@ -1,0 +1,45 @@
+"""Reward shaping and running statistics."""
+
+import pytest
+import torch
+
+from rlhf_lightning.rl import RunningMoments, last_real_index, shape_rewards
+
+
+def test_score_lands_on_the_last_real_token_and_kl_everywhere() -> None:
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 9.0, 9.0]]) * mask
+    scores = torch.tensor([2.0, -1.0])
+    ended = torch.tensor([True, False])
+    out = shape_rewards(scores, kl, mask, beta=0.5, ended=ended, missing_eos_penalty=-3.0)
+    want = torch.tensor([[-0.05, -0.1, -0.15 + 2.0], [-0.25 + (-1.0 - 3.0), 0.0, 0.0]])
+    torch.testing.assert_close(out.rewards, want)
+    torch.testing.assert_close(out.score, torch.tensor([2.0, -4.0]))
+    # Summed over a response: score - beta * sequence KL.
+    torch.testing.assert_close(out.rewards.sum(-1), out.score - 0.5 * kl.sum(-1))
+    assert last_real_index(mask).tolist() == [2, 0]
+
+
+def test_score_clip_and_empty_response() -> None:
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    out = shape_rewards(torch.tensor([10.0, -10.0]), torch.zeros(2, 2), mask, 0.1, torch.ones(2, dtype=torch.bool),
+                        score_clip=3.0)  # fmt: skip
+    assert out.score.tolist() == [3.0, -3.0]
+    with pytest.raises(ValueError, match="at least one token"):
+        shape_rewards(torch.zeros(1), torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.bool), 0.1,
+                      torch.ones(1, dtype=torch.bool))  # fmt: skip
+
+
+def test_running_moments_match_the_whole_stream() -> None:
+    torch.manual_seed(0)
+    chunks = [torch.randn(n) * 3 + 1 for n in (5, 1, 17, 40)]
+    m = RunningMoments()
+    for c in chunks:
+        m.update(c)
+    whole = torch.cat(chunks).double()
+    assert m.count == whole.numel()
+    assert m.mean == pytest.approx(float(whole.mean()))
+    assert m.std == pytest.approx(float(whole.std()))
+    copy = RunningMoments()
+    copy.load_state_dict(m.state_dict())
+    assert (copy.mean, copy.std, copy.count) == (m.mean, m.std, m.count)
