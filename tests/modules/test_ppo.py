@@ -1,0 +1,230 @@
+"""The PPO phase at tiny size: one iteration's effect, the oracle-reward run, exact resume, the NaN stop, start-up
+errors, and the CLI end to end. A tiny SFT run and a tiny reward-model run (through the CLI) come first."""
+
+from __future__ import annotations
+
+import glob
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from test_sft import TINY
+
+from rlhf_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint
+from rlhf_lightning.cli import main
+from rlhf_lightning.data import PromptDataModule
+from rlhf_lightning.modules import PPOModule
+from rlhf_lightning.modules.ppo import PPO_STATE_KEY, clipped_value_loss, import_score_fn, win_rate
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+RM_TINY = ["--data.init_args.batch_size=8", "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+           "--trainer.limit_val_batches=1", "--model.init_args.norm_samples=8", *QUIET]  # fmt: skip
+SFT_CKPT = "runs/sft/checkpoints/last.ckpt"
+RM_CKPT = "runs/rm/checkpoints/last.ckpt"
+#: Small PPO settings: 8 responses of <= 8 tokens per iteration, 2 minibatches, 1 epoch -> 2 optimizer steps.
+SMALL = {"rollout_batch": 8, "minibatch_size": 4, "ppo_epochs": 1, "eval_every": 2, "eval_table_rows": 2}
+
+
+def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} over every event file of a run directory (a resumed run appends a second file)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(glob.glob(f"{run_dir}/events.out.tfevents.*")):
+        acc = EventAccumulator(path)
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A folder holding a tiny world, SFT checkpoint and reward-model checkpoint (the configs' relative paths)."""
+    root = tmp_path_factory.mktemp("ppo_base")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        main(["fit", "-c", str(CONFIGS / "sft.yaml"), *TINY])
+        main(["fit", "-c", str(CONFIGS / "rm.yaml"), *RM_TINY])
+    return root
+
+
+def make_module(base: Path, **overrides) -> PPOModule:
+    args = {"sft_checkpoint": str(base / SFT_CKPT), "reward_checkpoint": str(base / RM_CKPT), "iterations": 2,
+            "sampling": {"max_new_tokens": 8, "temperature": 1.0}, **SMALL, **overrides}  # fmt: skip
+    from rlhf_lightning.models.sampling import SamplingConfig
+
+    args["sampling"] = SamplingConfig(**args["sampling"])
+    return PPOModule(**args)
+
+
+class StopAfter(Callback):
+    """Stops the run once the module has finished ``n`` iterations (a stand-in for a crash after a checkpoint)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.iteration >= self.n:
+            trainer.should_stop = True
+
+
+def fit(base: Path, out: Path, module: PPOModule, ckpt_path: str | None = None, stop_after: int | None = None):
+    dm = PromptDataModule(data_dir=str(base / "runs/world"), eval_prompts=8, generate_world=False)
+    steps_per_iteration = module.hparams.ppo_epochs * module.hparams.rollout_batch // module.hparams.minibatch_size
+    callbacks = [ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_train_steps=steps_per_iteration)]
+    if stop_after is not None:
+        callbacks.append(StopAfter(stop_after))
+    trainer = L.Trainer(
+        max_epochs=1, logger=TensorBoardLogger(str(out), name="ppo", version=""), callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        devices=1, default_root_dir=str(out),
+    )  # fmt: skip
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_one_iteration_changes_the_policy_and_not_the_reference(base, tmp_path):
+    module = make_module(base, iterations=1)
+    before: dict[str, torch.Tensor] = {}
+
+    class Snapshot(Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    dm = PromptDataModule(data_dir=str(base / "runs/world"), eval_prompts=8, generate_world=False)
+    L.Trainer(max_epochs=1, logger=False, callbacks=[Snapshot()], enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, accelerator="cpu").fit(module, dm)  # fmt: skip
+    after = module.state_dict()
+    changed = lambda prefix: any(  # noqa: E731
+        not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)
+    )
+    assert changed("policy.")
+    assert changed("critic_backbone.") and changed("value_head.")
+    assert not changed("ref_policy.") and not changed("reward_model.")
+    assert module.iteration == 1
+    # The reference starts equal to the policy (both are the SFT weights).
+    sft = load_checkpoint(base / SFT_CKPT, phase="sft")["state_dict"]
+    torch.testing.assert_close(before["ref_policy.tok_emb.weight"], sft["model.tok_emb.weight"])
+    torch.testing.assert_close(before["policy.tok_emb.weight"], sft["model.tok_emb.weight"])
+
+
+def test_oracle_reward_raises_the_gold_score(base, tmp_path):
+    """Against the gold judge itself, a short run must raise the gold reward of the rollouts."""
+    module = make_module(base, reward_source="gold", iterations=12, rollout_batch=32, minibatch_size=16,
+                         ppo_epochs=2, lr=3e-3, kl_coef=0.01, eval_every=12)  # fmt: skip
+    fit(base, tmp_path, module)
+    gold = scalars(tmp_path / "ppo")["objective/gold_reward"]
+    assert sorted(gold) == list(range(12))
+    first, last = sum(gold[i] for i in range(3)) / 3, sum(gold[i] for i in range(9, 12)) / 3
+    assert last > first + 0.1, (first, last)
+
+
+RESUME_TAGS = ("objective/proxy_reward", "objective/kl", "objective/kl_coef", "policy/approx_kl", "value/loss",
+               "objective/entropy", "rollout/length_mean", "eval/gold_reward", "eval/win_rate")  # fmt: skip
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(base, tmp_path):
+    # An adaptive KL controller and running score statistics: both must come back from the checkpoint.
+    opts = {"iterations": 4, "kl_controller": "adaptive", "kl_target": 0.5, "kl_horizon": 100,
+            "score_norm": "running", "lr": 1e-3}  # fmt: skip
+    fit(base, tmp_path / "whole", make_module(base, **opts))
+    fit(base, tmp_path / "cut", make_module(base, **opts), stop_after=2)
+    last = tmp_path / "cut/ckpt/last.ckpt"
+    assert torch.load(last, weights_only=False)[PPO_STATE_KEY]["iteration"] == 2
+    fit(base, tmp_path / "cut", make_module(base, **opts), ckpt_path=str(last))
+    whole, cut = scalars(tmp_path / "whole/ppo"), scalars(tmp_path / "cut/ppo")
+    assert set(whole["objective/kl_coef"]) == {0, 1, 2, 3} == set(cut["objective/kl_coef"])
+    assert len(set(whole["objective/kl_coef"].values())) > 1  # the controller did move beta
+    for tag in RESUME_TAGS:
+        assert whole[tag] == cut[tag], tag  # bit-for-bit, at every logged iteration
+    final = torch.load(tmp_path / "cut/ckpt/last.ckpt", weights_only=False)
+    reference = torch.load(tmp_path / "whole/ckpt/last.ckpt", weights_only=False)
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(value, final["state_dict"][key]), key
+
+
+def test_checkpoint_leaves_out_the_frozen_models_and_reloads(base, tmp_path):
+    fit(base, tmp_path, make_module(base, iterations=1))
+    ckpt = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)
+    keys = ckpt["state_dict"].keys()
+    assert not any(k.startswith(("ref_policy.", "reward_model.")) for k in keys)
+    assert any(k.startswith("policy.") for k in keys) and any(k.startswith("critic_backbone.") for k in keys)
+    assert ckpt["rlhf"]["phase"] == "ppo" and ckpt[PPO_STATE_KEY]["iteration"] == 1
+    loaded = PPOModule.load_from_checkpoint(tmp_path / "ckpt/last.ckpt")  # no trainer: the policy alone rebuilds
+    torch.testing.assert_close(loaded.policy.tok_emb.weight, ckpt["state_dict"]["policy.tok_emb.weight"])
+    assert loaded.ref_policy is None
+
+
+_CALLS = {"n": 0}
+
+
+def nan_on_second_call(prompts: list[str], responses: list[str]) -> list[float]:
+    """A reward source that breaks at its second call (iteration 1)."""
+    _CALLS["n"] += 1
+    return [math.nan if _CALLS["n"] >= 2 else 0.0 for _ in prompts]
+
+
+def test_nan_reward_stops_the_run_and_keeps_the_last_good_state(base, tmp_path):
+    _CALLS["n"] = 0
+    module = make_module(base, reward_source=f"{__name__}:nan_on_second_call", iterations=4)
+    with pytest.raises(FloatingPointError, match=r"reward .* not finite at iteration 1"):
+        fit(base, tmp_path, module)
+    saved = torch.load(tmp_path / "ckpt/last-good.ckpt", weights_only=False)
+    assert saved[PPO_STATE_KEY]["iteration"] == 1  # the state after iteration 0, before the bad rollout
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
+def test_startup_errors(base, tmp_path):
+    with pytest.raises(ValueError, match=r"minibatch_size \(3\) must divide rollout_batch \(8\)"):
+        make_module(base, minibatch_size=3)
+    with pytest.raises(FileNotFoundError, match=r"reward_checkpoint .*nope.ckpt does not exist"):
+        make_module(base, reward_checkpoint=str(tmp_path / "nope.ckpt"))
+    with pytest.raises(ValueError, match="full"):
+        make_module(base, kl_estimator="full", kl_in_loss=True)
+    with pytest.raises(ValueError, match="cannot be imported"):
+        import_score_fn("no_such_module_xyz:fn")
+    # A reward model whose tokenizer differs from the SFT policy's: caught when the models are built.
+    other = tmp_path / "other_rm.ckpt"
+    ckpt = torch.load(base / RM_CKPT, weights_only=False)
+    ckpt["rlhf"]["tokenizer"] = ckpt["rlhf"]["tokenizer"].replace('"good"', '"goood"', 1)
+    torch.save(ckpt, other)
+    with pytest.raises(ValueError, match=r"tokenizers of .* differ"):
+        fit(base, tmp_path, make_module(base, reward_checkpoint=str(other)))
+
+
+def test_value_loss_clipping_and_win_rate_by_hand():
+    values = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[0.0, 0.0]])
+    returns = torch.tensor([[2.0, 1.0]])
+    mask = torch.tensor([[True, False]])
+    loss, frac = clipped_value_loss(values, old, returns, mask, clip=0.2)
+    # token 0: unclipped (1 - 2)^2 = 1, clipped (0.2 - 2)^2 = 3.24 -> max 3.24, halved
+    assert float(loss) == pytest.approx(1.62) and float(frac) == 1.0
+    assert win_rate(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 4.0, -1.0])) == pytest.approx(0.625)
+
+
+def test_cli_end_to_end(base, tmp_path, monkeypatch):
+    for name in ("runs/world", "runs/sft", "runs/rm"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).symlink_to(base / name)
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "-c", str(CONFIGS / "ppo.yaml"), "--model.init_args.iterations=2", "--model.init_args.rollout_batch=8",
+          "--model.init_args.minibatch_size=4", "--model.init_args.ppo_epochs=1", "--model.init_args.eval_every=2",
+          "--model.init_args.sampling.max_new_tokens=8", "--data.init_args.eval_prompts=8",
+          "--trainer.callbacks.init_args.every_n_train_steps=2", *QUIET])  # fmt: skip
+    assert (tmp_path / "runs/ppo/checkpoints/last.ckpt").is_file()
+    logged = scalars(tmp_path / "runs/ppo")
+    for tag in ("objective/proxy_reward", "objective/gold_reward", "objective/kl", "objective/kl_coef",
+                "objective/entropy", "policy/clipfrac", "policy/approx_kl", "value/loss",
+                "value/explained_variance", "rollout/length_mean", "rollout/eos_rate", "diversity/distinct_1",
+                "diversity/distinct_2", "perf/rollout_s", "perf/update_s", "perf/tokens_per_s", "eval/win_rate",
+                "eval/gold_reward"):  # fmt: skip
+        assert tag in logged, tag
+        assert all(math.isfinite(v) for v in logged[tag].values()), tag
+    assert sorted(logged["objective/kl"]) == [0, 1]
