@@ -1,5 +1,6 @@
 """KL estimators on known distributions, and the KL controllers against their formulas."""
 
+import itertools
 import math
 
 import pytest
@@ -67,7 +68,7 @@ def test_annealed_controller_schedules() -> None:
         cos.update(0.0, 1)
     assert values[0] == 1.0 and values[-1] == pytest.approx(0.1) and values[4] == pytest.approx(0.1)
     assert values[2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
     exp = AnnealedKL(1.0, 0.01, iterations=2, schedule="exponential")
     exp.update(0.0, 1)
     assert exp.value == pytest.approx(0.1)
