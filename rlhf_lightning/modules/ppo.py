@@ -638,7 +638,7 @@ class PPOModule(PhaseModule):
             critic += list(self.critic_backbone.parameters())
         opt = torch.optim.AdamW(
             [{"params": list(self.policy.parameters()), "lr": h.lr}, {"params": critic, "lr": h.critic_lr}],
-            weight_decay=h.weight_decay, betas=tuple(h.betas),
+            weight_decay=h.weight_decay, betas=tuple(h.betas), fused=True,  # one kernel per step, not one per tensor
         )  # fmt: skip
         total = h.iterations * h.ppo_epochs * (h.rollout_batch // h.minibatch_size)
 

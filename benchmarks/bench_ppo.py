@@ -1,0 +1,116 @@
+"""PPO iteration throughput of the real PPOModule (through Lightning's Trainer), with the peer's settings as flags.
+
+    python benchmarks/bench_ppo.py --layers 4 --heads 4 --width 128 --prompts 16 --response-tokens 24 \\
+        --epochs 4 --minibatches 2 --critic separate --iterations 12
+
+Set-up (not timed): the embedded world is written to a temporary folder; a randomly initialised TinyGPT of the
+given shape is saved as the SFT checkpoint and a reward model on it as the reward checkpoint (one training step each
+through the CLI, so they are ordinary checkpoints). Then ``iterations`` PPO iterations run; the first
+``--warmup`` are discarded and the rest summarised: samples/s of whole iterations, rollout tokens/s, and the share of
+each iteration spent generating, scoring (no-grad passes + reward + GAE) and updating.
+
+The vocabulary is the world tokenizer's (about 320 word tokens); ``--vocab`` pads the embedding table to a larger
+size if asked (never smaller: every token id must have a row). EOS is rare under a random policy, so responses run to
+about ``--response-tokens`` tokens; the mean is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rlhf_lightning.cli import main as cli
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
+
+
+def build_checkpoints(root: Path, args: argparse.Namespace) -> None:
+    """A tiny world, then one-step SFT and RM runs of the asked shape (effectively random weights)."""
+    subprocess.run([sys.executable, "-m", "rlhf_lightning.cli", "world", "--out", str(root / "world")], check=True,
+                   capture_output=True)  # fmt: skip
+    shape = [f"--model.init_args.backbone.n_layer={args.layers}", f"--model.init_args.backbone.n_head={args.heads}",
+             f"--model.init_args.backbone.d_model={args.width}", f"--model.init_args.backbone.vocab_size={args.vocab}",
+             f"--model.init_args.backbone.max_seq_len={max(96, 16 + args.response_tokens)}"]  # fmt: skip
+    common = [f"--data.init_args.data_dir={root / 'world'}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+              "--data.init_args.generate_world=false", *QUIET]  # fmt: skip
+    cli(["fit", "-c", str(CONFIGS / "sft.yaml"), *shape, *common, f"--trainer.default_root_dir={root}",
+         f"--trainer.callbacks.init_args.dirpath={root / 'sft'}"])  # fmt: skip
+    cli(["fit", "-c", str(CONFIGS / "rm.yaml"), *common, f"--model.init_args.sft_checkpoint={root / 'sft/last.ckpt'}",
+         "--model.init_args.norm_samples=16", f"--trainer.default_root_dir={root}",
+         f"--trainer.callbacks.init_args.dirpath={root / 'rm'}"])  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=0, help="embedding rows; 0 = the tokenizer's vocabulary")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts (responses) per iteration")
+    parser.add_argument("--response-tokens", type=int, default=24)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--minibatches", type=int, default=2)
+    parser.add_argument("--critic", choices=("separate", "shared"), default="separate")
+    parser.add_argument("--iterations", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.prompts % args.minibatches:
+        parser.error("--minibatches must divide --prompts")
+    if args.iterations <= args.warmup:
+        parser.error("--iterations must exceed --warmup")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import lightning as L
+
+    from rlhf_lightning.checkpoint import AtomicCheckpointIO
+    from rlhf_lightning.data import PromptDataModule
+    from rlhf_lightning.models.sampling import SamplingConfig
+    from rlhf_lightning.modules import PPOModule
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        build_checkpoints(root, args)
+        module = PPOModule(
+            sft_checkpoint=str(root / "sft/last.ckpt"), reward_checkpoint=str(root / "rm/last.ckpt"),
+            critic=args.critic, iterations=args.iterations, rollout_batch=args.prompts,
+            minibatch_size=args.prompts // args.minibatches, ppo_epochs=args.epochs,
+            sampling=SamplingConfig(max_new_tokens=args.response_tokens, temperature=1.0),
+            eval_every=10**9,  # evaluation would run at the last iteration: excluded below
+        )  # fmt: skip
+        rows: list[dict[str, float]] = []
+        log = module._log
+
+        def capture(metrics: dict[str, float], iteration: int) -> None:
+            rows.append(dict(metrics))
+            log(metrics, iteration)
+
+        module._log = capture
+        dm = PromptDataModule(data_dir=str(root / "world"), generate_world=False, eval_prompts=8)
+        trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator="cpu", plugins=[AtomicCheckpointIO()])  # fmt: skip
+        trainer.fit(module, dm)
+    timed = rows[args.warmup : args.iterations - 1]  # the last iteration also evaluates
+    med = {k: statistics.median(r[k] for r in timed) for k in ("perf/iteration_s", "perf/rollout_s", "perf/score_s",
+                                                              "perf/update_s", "perf/tokens_per_s")}  # fmt: skip
+    length = statistics.mean(r["rollout/length_mean"] for r in timed)
+    print(f"torch threads {torch.get_num_threads()}; shape {args.layers}L/{args.heads}H/{args.width}d, "
+          f"{args.prompts} prompts x {args.response_tokens} tokens (mean {length:.1f} generated), {args.epochs} epochs"
+          f" x {args.minibatches} minibatches, critic {args.critic}; median of {len(timed)} iterations")  # fmt: skip
+    it = med["perf/iteration_s"]
+    print(f"iteration {it * 1e3:.0f} ms -> {args.prompts / it:.1f} samples/s")
+    print(f"rollout generation {med['perf/tokens_per_s']:.0f} tokens/s")
+    for part in ("rollout", "score", "update"):
+        print(f"  {part:8s} {med[f'perf/{part}_s'] * 1e3:7.0f} ms  {100 * med[f'perf/{part}_s'] / it:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
