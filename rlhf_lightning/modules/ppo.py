@@ -33,7 +33,7 @@ from torch import nn
 
 import rlhf_kernels
 from rlhf_lightning.data.collate import pad_sequences
-from rlhf_lightning.metrics import distinct_n, pearson
+from rlhf_lightning.metrics import distinct_n, diversity_metrics, pearson
 from rlhf_lightning.models.backbone import backbone_from_spec, backbone_spec
 from rlhf_lightning.models.heads import ValueHead
 from rlhf_lightning.models.reward import load_reward_model
@@ -131,6 +131,8 @@ class PPOModule(PhaseModule):
         target_approx_kl: stop an iteration's epochs once the mean approximate KL to the rollout policy exceeds it.
         eval_every: iterations between evaluations on the held-out prompts (and the last iteration).
         eval_table_rows: rows of the TensorBoard text table (SFT response beside the current one).
+        eval_groups, eval_samples_per_prompt: per-input diversity is measured on this many held-out prompts with
+            this many samples each (collapse shows first within one prompt's samples); 0 groups switches it off.
         eval_seed: seed of the evaluation samples (the same for the SFT policy and the current one).
         seed: seed of the prompts, sampling noise and minibatch order of every iteration.
     """
@@ -181,6 +183,8 @@ class PPOModule(PhaseModule):
         target_approx_kl: float | None = None,
         eval_every: int = 10,
         eval_table_rows: int = 8,
+        eval_groups: int = 16,
+        eval_samples_per_prompt: int = 4,
         eval_seed: int = 1234,
         seed: int = 0,
     ):
@@ -201,11 +205,15 @@ class PPOModule(PhaseModule):
         self._sft_eval: EvalSamples | None = None
         self._sft_eval_proxy: torch.Tensor | None = None
         self._last_ensemble_std = torch.zeros(())  # (ensembles) members' disagreement on the last rollout
+        self._sft_per_input: dict[str, float] | None = None
+        #: The metrics of the last iteration (what was logged), for callbacks such as the online detectors.
+        self.last_metrics: dict[str, float] = {}
 
     def _check_config(self) -> None:
         """Mistakes that would otherwise surface minutes into a run."""
         h = self.hparams
-        for name in ("iterations", "rollout_batch", "minibatch_size", "ppo_epochs", "eval_every"):
+        for name in ("iterations", "rollout_batch", "minibatch_size", "ppo_epochs", "eval_every",
+                     "eval_samples_per_prompt"):  # fmt: skip
             if getattr(h, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(h, name)}")
         if h.rollout_batch % h.minibatch_size:
@@ -350,6 +358,7 @@ class PPOModule(PhaseModule):
             **stats,
             "objective/kl": float(kl_seq),
             "objective/kl_coef": beta,
+            "objective/kl_coef_at_bound": float(self._at_bound(beta)),
             "perf/rollout_s": info["generate_s"],
             "perf/score_s": info["score_s"],
             "perf/update_s": t2 - t1,
@@ -362,10 +371,16 @@ class PPOModule(PhaseModule):
         if self.iteration % self.hparams.eval_every == 0 or last:
             metrics.update(self.evaluate())
         self._log(metrics, it)
+        self.last_metrics = metrics
         self.log("proxy", metrics["objective/proxy_reward"], prog_bar=True, logger=False)
         self.log("kl", metrics["objective/kl"], prog_bar=True, logger=False)
         if last:
             self.trainer.should_stop = True
+
+    def _at_bound(self, beta: float) -> bool:
+        """Whether an adaptive controller's beta sits at kl_min or kl_max (it can no longer do its job)."""
+        h = self.hparams
+        return h.kl_controller == "adaptive" and (beta <= h.kl_min or beta >= h.kl_max)
 
     def _log(self, metrics: dict[str, float], iteration: int) -> None:
         """Logs with the iteration as the step (Lightning's global_step counts optimizer steps here)."""
@@ -441,8 +456,8 @@ class PPOModule(PhaseModule):
             "rollout/length_mean": float(lengths.mean()),
             "rollout/eos_rate": float(out.ended.float().mean()),
             "rollout/score_length_corr": pearson(raw_scores, lengths),
-            "diversity/distinct_1": distinct_n(token_lists, 1),
-            "diversity/distinct_2": distinct_n(token_lists, 2),
+            "rollout/duplicate_rate": duplicate_rate(prompts, responses),
+            **diversity_metrics(token_lists, self.tokenizer.vocab_size),
         }
         judge = dm.judge
         if judge is not None:
@@ -614,11 +629,31 @@ class PPOModule(PhaseModule):
             metrics["eval/gold_reward"] = float(cur.gold.mean())
             metrics["eval/sft_gold_reward"] = float(self._sft_eval.gold.mean())
             metrics["eval/win_rate"] = win_rate(cur.gold, self._sft_eval.gold)
+        if h.eval_groups > 0:
+            if self._sft_per_input is None:
+                self._sft_per_input = self._per_input_diversity(self.ref_policy, prompts, batch, "eval/sft_per_input")
+            metrics.update(self._sft_per_input)
+            metrics.update(self._per_input_diversity(self.policy, prompts, batch, "diversity/per_input"))
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_text"):
             table = comparison_table(self._sft_eval, cur, self._sft_eval_proxy, proxy, h.eval_table_rows)
             experiment.add_text("eval/sft_vs_policy", table, self.iteration)
         return metrics
+
+    def _per_input_diversity(
+        self, model: nn.Module, prompts: list[str], batch: dict[str, torch.Tensor], prefix: str
+    ) -> dict[str, float]:
+        """Diversity within each prompt's samples: ``eval_samples_per_prompt`` responses to each of the first
+        ``eval_groups`` held-out prompts, scored per prompt and averaged. Keys ``{prefix}_distinct_2`` etc."""
+        h = self.hparams
+        g, k = min(h.eval_groups, len(prompts)), h.eval_samples_per_prompt
+        ids = batch["prompt_ids"][:g].repeat_interleave(k, 0).to(self.device)  # (g * k, P)
+        mask = batch["prompt_mask"][:g].repeat_interleave(k, 0).to(self.device)
+        texts = [t for t in prompts[:g] for _ in range(k)]
+        samples = sample_eval(model, self.tokenizer, texts, ids, mask, self.sampling, h.eval_seed + 1)
+        groups = torch.arange(g).repeat_interleave(k)
+        scores = diversity_metrics(samples.token_ids, self.tokenizer.vocab_size, groups, prefix="x")
+        return {f"{prefix}_{name[2:]}": value for name, value in scores.items()}
 
     def _eval_proxy(self, samples: EvalSamples, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """(B,) proxy scores of evaluation samples (None unless the reward source is the reward model)."""
@@ -679,6 +714,15 @@ def clipped_value_loss(
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     err_clipped = (clipped - returns) ** 2
     return 0.5 * masked_mean(torch.maximum(err, err_clipped), mask), masked_mean((err_clipped > err).float(), mask)
+
+
+def duplicate_rate(prompts: list[str], responses: list[str]) -> float:
+    """Share of responses that some response to a *different* prompt repeats word for word: near 0 for a healthy
+    policy, high when it answers everything with the same text (mode collapse across inputs)."""
+    by_text: dict[str, set[str]] = defaultdict(set)
+    for prompt, response in zip(prompts, responses, strict=True):
+        by_text[response].add(prompt)
+    return sum(len(by_text[r]) > 1 for r in responses) / max(len(responses), 1)
 
 
 def win_rate(policy_scores: torch.Tensor, baseline_scores: torch.Tensor) -> float:

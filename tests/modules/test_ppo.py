@@ -18,7 +18,7 @@ from rlhf_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint
 from rlhf_lightning.cli import main
 from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.modules import PPOModule
-from rlhf_lightning.modules.ppo import PPO_STATE_KEY, clipped_value_loss, import_score_fn, win_rate
+from rlhf_lightning.modules.ppo import PPO_STATE_KEY, clipped_value_loss, duplicate_rate, import_score_fn, win_rate
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -209,6 +209,13 @@ def test_value_loss_clipping_and_win_rate_by_hand():
     assert win_rate(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 4.0, -1.0])) == pytest.approx(0.625)
 
 
+def test_duplicate_rate_counts_only_repeats_across_prompts():
+    prompts = ["a", "a", "b", "c", "d"]
+    responses = ["x", "x", "y", "y", "z"]  # "x" twice for one prompt is not a collapse; "y" for b and c is
+    assert duplicate_rate(prompts, responses) == pytest.approx(2 / 5)
+    assert duplicate_rate(["a", "b"], ["same", "same"]) == 1.0
+
+
 def test_cli_end_to_end(base, tmp_path, monkeypatch):
     for name in ("runs/world", "runs/sft", "runs/rm"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +231,9 @@ def test_cli_end_to_end(base, tmp_path, monkeypatch):
                 "objective/entropy", "policy/clipfrac", "policy/approx_kl", "value/loss",
                 "value/explained_variance", "rollout/length_mean", "rollout/eos_rate", "diversity/distinct_1",
                 "diversity/distinct_2", "perf/rollout_s", "perf/update_s", "perf/tokens_per_s", "eval/win_rate",
-                "eval/gold_reward"):  # fmt: skip
+                "eval/gold_reward", "diversity/self_bleu", "diversity/ead", "rollout/duplicate_rate",
+                "diversity/per_input_distinct_2", "diversity/per_input_self_bleu", "eval/sft_per_input_distinct_2",
+                "objective/kl_coef_at_bound"):  # fmt: skip
         assert tag in logged, tag
         assert all(math.isfinite(v) for v in logged[tag].values()), tag
     assert sorted(logged["objective/kl"]) == [0, 1]
