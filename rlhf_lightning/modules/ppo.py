@@ -564,10 +564,9 @@ class PPOModule(PhaseModule):
         if self.critic_backbone is not None:
             critic += list(self.critic_backbone.parameters())
         groups = {"policy": list(self.policy.parameters()), "value": critic}
-        return {
-            name: torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], h.max_grad_norm)
-            for name, params in groups.items()
-        }
+        clip = torch.nn.utils.clip_grad_norm_
+        return {name: clip([p for p in params if p.grad is not None], h.max_grad_norm, foreach=True)
+                for name, params in groups.items()}  # fmt: skip
 
     def _minibatch_loss(self, mb: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """Policy loss (fused, from the logits) + vf_coef * clipped value loss of one minibatch, and its stats."""
