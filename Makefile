@@ -10,8 +10,12 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
 	touch $(STAMP)
 
-# The main job. Until the pipeline exists it is the kernel benchmark (fused vs reference).
+# The main job: world -> SFT -> reward model -> PPO -> diagnosis on the embedded default task, under runs/pipeline.
+RUN_DIR ?= runs/pipeline
 run: $(STAMP)
+	$(VENV)/bin/rlhf pipeline --out $(RUN_DIR)
+
+bench: $(STAMP)
 	$(PY) -m rlhf_kernels.bench
 
 test: $(STAMP)

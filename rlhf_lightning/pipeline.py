@@ -1,0 +1,231 @@
+"""``rlhf pipeline``: the whole recipe under one run directory — world data, SFT, reward model, PPO, diagnosis.
+
+    rlhf pipeline --out runs/pipeline                                # the embedded default task
+    rlhf pipeline --out runs/no_kl --preset configs/failures/no_kl.yaml \
+        --sft-checkpoint runs/pipeline/runs/sft/checkpoints/last.ckpt    # a failure preset, reusing an SFT run
+
+Each phase is an ordinary ``rlhf fit -c configs/<phase>.yaml`` run, started with the run directory as the working
+directory, so the configs' relative paths (``runs/world``, ``runs/sft/checkpoints/last.ckpt``, ...) land inside it:
+``OUT/runs/{world,sft,rm,ppo}``, then ``OUT/diagnose/`` (report and plots) and ``OUT/summary.json``.
+
+Any phase can be replaced: ``--sft-checkpoint`` / ``--rm-checkpoint`` skip a phase and use that checkpoint;
+``--data-dir`` points every phase at a user's own JSONL folder (no world is generated there); ``--sft-config`` etc.
+swap a phase's config; ``--sft-args`` etc. append command-line overrides (e.g. ``"--trainer.max_steps=100"``).
+
+A preset (``--preset FILE``, see configs/failures/ and configs/fixes/) is a YAML file with a description and partial
+configs per phase: ``all`` (merged into every phase, e.g. the world's annotator knobs), ``sft``, ``rm``, ``ppo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_lightning.io import atomic_open
+
+PHASES = ("sft", "rm", "ppo")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PRESET_KEYS = {"description", "symptom", "diagnose", "fix", "removes", "all", *PHASES}
+
+
+@contextmanager
+def _phase_context(path: Path) -> Iterator[None]:
+    """Runs the phases inside the run directory, with the command line hidden from LightningCLI (each phase gets
+    its arguments explicitly; the pipeline's own flags are not for it)."""
+    before, argv = Path.cwd(), sys.argv
+    os.chdir(path)
+    sys.argv = argv[:1]
+    try:
+        yield
+    finally:
+        os.chdir(before)
+        sys.argv = argv
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """base updated by extra, nested dicts merged key by key (extra wins)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_preset(path: Path) -> dict[str, Any]:
+    """A preset file, checked: a mapping with only the known keys, each phase part a mapping."""
+    try:
+        preset = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"preset {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"preset {path}: not valid YAML: {err}") from None
+    if not isinstance(preset, dict):
+        raise ValueError(f"preset {path}: expected a mapping at the top level")
+    unknown = set(preset) - PRESET_KEYS
+    if unknown:
+        raise ValueError(f"preset {path}: unknown keys {sorted(unknown)}; allowed: {sorted(PRESET_KEYS)}")
+    for key in ("all", *PHASES):
+        if not isinstance(preset.get(key, {}), dict):
+            raise ValueError(f"preset {path}: '{key}' must be a mapping of config entries")
+    return preset
+
+
+def combine_presets(presets: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several presets as one (a failure and its fix): the phase parts merged in order, later entries winning."""
+    combined: dict[str, Any] = {}
+    for preset in presets:
+        for key in ("all", *PHASES):
+            combined[key] = _merge(combined.get(key, {}), preset.get(key, {}))
+    return combined
+
+
+def phase_configs(preset: dict[str, Any] | None, out: Path) -> dict[str, list[str]]:
+    """Per phase, the ``-c FILE`` arguments a preset adds (its partial configs, written under OUT/preset/)."""
+    if not preset:
+        return {phase: [] for phase in PHASES}
+    folder = out / "preset"
+    folder.mkdir(parents=True, exist_ok=True)
+    args = {}
+    for phase in PHASES:
+        part = _merge(preset.get("all", {}), preset.get(phase, {}))
+        if not part:
+            args[phase] = []
+            continue
+        path = folder / f"{phase}.yaml"
+        with atomic_open(path) as f:
+            yaml.safe_dump(part, f, sort_keys=False)
+        args[phase] = ["-c", str(path)]
+    return args
+
+
+def summarize(out: Path, read_scalars: Callable[[Path], dict[str, dict[int, float]]]) -> dict[str, Any]:
+    """The final figures of the run: the last evaluation of the PPO policy against the SFT policy."""
+    logged = read_scalars(out / "runs" / "ppo")
+
+    def last(tag: str) -> float | None:
+        series = logged.get(tag)
+        return series[max(series)] if series else None
+
+    return {
+        "gold_reward_sft": last("eval/sft_gold_reward"),
+        "gold_reward_ppo": last("eval/gold_reward"),
+        "win_rate_vs_sft": last("eval/win_rate"),
+        "proxy_reward_sft": last("eval/sft_proxy_reward"),
+        "proxy_reward_ppo": last("eval/proxy_reward"),
+        "kl": last("objective/kl"),
+        "kl_coef": last("objective/kl_coef"),
+        "distinct_2": last("diversity/distinct_2"),
+        "per_input_distinct_2_ppo": last("diversity/per_input_distinct_2"),
+        "per_input_distinct_2_sft": last("eval/sft_per_input_distinct_2"),
+        "iterations": (max(logged["objective/kl"]) + 1) if logged.get("objective/kl") else 0,
+    }
+
+
+def _tensorboard_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    from rlhf_lightning.diagnose.events import read_scalars
+
+    return read_scalars(run_dir)
+
+
+def pipeline_main(argv: list[str]) -> dict[str, Any]:
+    """``rlhf pipeline``; returns the summary it prints and writes."""
+    from rlhf_lightning.cli import main as rlhf_main
+
+    parser = argparse.ArgumentParser(prog="rlhf pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/pipeline"), help="run directory")
+    parser.add_argument(
+        "--preset",
+        type=Path,
+        action="append",
+        default=[],
+        help="a preset YAML (configs/failures/*.yaml, configs/fixes/*.yaml); repeatable, later wins",
+    )
+    parser.add_argument("--data-dir", type=Path, help="a folder of the user's own JSONL files (no world is written)")
+    parser.add_argument("--sft-checkpoint", type=Path, help="skip SFT: start from this SFT checkpoint")
+    parser.add_argument("--rm-checkpoint", type=Path, help="skip the reward model: use this checkpoint")
+    parser.add_argument("--no-diagnose", action="store_true", help="skip the diagnosis at the end")
+    for phase in PHASES:
+        parser.add_argument(f"--{phase}-config", type=Path, default=CONFIG_DIR / f"{phase}.yaml")
+        parser.add_argument(f"--{phase}-args", default="", help=f"extra `rlhf fit` arguments of the {phase} phase")
+    args = parser.parse_args(argv)
+    for phase in PHASES:
+        config = getattr(args, f"{phase}_config")
+        if not config.is_file():
+            parser.error(f"--{phase}-config {config} does not exist")
+    for name in ("sft_checkpoint", "rm_checkpoint"):
+        path = getattr(args, name)
+        if path is not None and not path.is_file():
+            parser.error(f"--{name.replace('_', '-')} {path} does not exist")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        parser.error(f"--data-dir {args.data_dir} is not a folder")
+
+    presets = [load_preset(path) for path in args.preset]
+    preset = combine_presets(presets) if presets else None
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    extra = phase_configs(preset, out)
+    sft_ckpt = args.sft_checkpoint.resolve() if args.sft_checkpoint else Path("runs/sft/checkpoints/last.ckpt")
+    rm_ckpt = args.rm_checkpoint.resolve() if args.rm_checkpoint else Path("runs/rm/checkpoints/last.ckpt")
+    data = [f"--data.init_args.data_dir={args.data_dir.resolve()}", "--data.init_args.generate_world=false"] if (
+        args.data_dir) else []  # fmt: skip
+    # The later phases read text with the SFT policy's tokenizer (saved beside its checkpoint), so a reused SFT
+    # checkpoint works with a world whose corpus differs (e.g. fewer preference pairs).
+    tokenizer_file = sft_ckpt.parent / "tokenizer.json"
+    reuse_tokenizer = args.sft_checkpoint is None or tokenizer_file.is_file()
+    tokenizer = [f"--data.init_args.tokenizer_path={tokenizer_file}"] if reuse_tokenizer else []
+    plan = [
+        ("sft", args.sft_checkpoint is None, []),
+        ("rm", args.rm_checkpoint is None, [f"--model.init_args.sft_checkpoint={sft_ckpt}", *tokenizer]),
+        ("ppo", True, [f"--model.init_args.sft_checkpoint={sft_ckpt}",
+                       f"--model.init_args.reward_checkpoint={rm_ckpt}", *tokenizer]),
+    ]  # fmt: skip
+    for path, one in zip(args.preset, presets, strict=True):
+        print(f"[pipeline] preset {path}: {str(one.get('description', '')).strip()}")
+    timings: dict[str, float] = {}
+    with _phase_context(out):
+        for phase, run, phase_args in plan:
+            if not run:
+                print(f"[pipeline] {phase}: skipped (checkpoint given)")
+                continue
+            config = str(getattr(args, f"{phase}_config").resolve())
+            cmd = ["fit", "-c", config, *extra[phase], *data, *phase_args,
+                   *shlex.split(getattr(args, f"{phase}_args"))]  # fmt: skip
+            print(f"[pipeline] {phase}: rlhf {' '.join(cmd)}", flush=True)
+            start = time.perf_counter()
+            rlhf_main(cmd)
+            timings[phase] = time.perf_counter() - start
+        if not args.no_diagnose:
+            rlhf_main(["diagnose", "runs/ppo", "--out", "diagnose"])
+    summary = {**summarize(out, _tensorboard_scalars), "seconds": timings, "run_dir": str(out)}
+    if not args.no_diagnose:
+        summary["report"] = str(out / "diagnose" / "report.md")
+    with atomic_open(out / "summary.json") as f:
+        json.dump(summary, f, indent=2)
+    _print_summary(summary)
+    return summary
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    def fmt(x: Any) -> str:
+        return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+    print("\n== rlhf pipeline summary ==")
+    print(f"gold reward      SFT {fmt(s['gold_reward_sft'])}  ->  PPO {fmt(s['gold_reward_ppo'])}")
+    print(f"win rate vs SFT  {fmt(s['win_rate_vs_sft'])} (gold judge, held-out prompts, ties count half)")
+    print(f"proxy reward     SFT {fmt(s['proxy_reward_sft'])}  ->  PPO {fmt(s['proxy_reward_ppo'])}")
+    print(f"KL to SFT        {fmt(s['kl'])} nats per response (beta {fmt(s['kl_coef'])})")
+    print(f"diversity        distinct-2 {fmt(s['distinct_2'])}; per input {fmt(s['per_input_distinct_2_sft'])} (SFT)"
+          f" -> {fmt(s['per_input_distinct_2_ppo'])} (PPO)")  # fmt: skip
+    print("time             " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items()))
+    if "report" in s:
+        print(f"diagnosis        {s['report']} (plots beside it)")
+    print(f"TensorBoard      tensorboard --logdir {s['run_dir']}/runs")
