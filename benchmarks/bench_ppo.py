@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu, gpu or auto")
     args = parser.parse_args()
     if args.prompts % args.minibatches:
         parser.error("--minibatches must divide --prompts")
@@ -96,13 +97,15 @@ def main() -> None:
         module._log = capture
         dm = PromptDataModule(data_dir=str(root / "world"), generate_world=False, eval_prompts=8)
         trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, accelerator="cpu", plugins=[AtomicCheckpointIO()])  # fmt: skip
+                            enable_model_summary=False, accelerator=args.accelerator, devices=1,
+                            plugins=[AtomicCheckpointIO()])  # fmt: skip
         trainer.fit(module, dm)
     timed = rows[args.warmup : args.iterations - 1]  # the last iteration also evaluates
     med = {k: statistics.median(r[k] for r in timed) for k in ("perf/iteration_s", "perf/rollout_s", "perf/score_s",
                                                               "perf/update_s", "perf/tokens_per_s")}  # fmt: skip
     length = statistics.mean(r["rollout/length_mean"] for r in timed)
-    print(f"torch threads {torch.get_num_threads()}; shape {args.layers}L/{args.heads}H/{args.width}d, "
+    where = torch.cuda.get_device_name() if args.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
+    print(f"{where}, torch threads {torch.get_num_threads()}; shape {args.layers}L/{args.heads}H/{args.width}d, "
           f"{args.prompts} prompts x {args.response_tokens} tokens (mean {length:.1f} generated), {args.epochs} epochs"
           f" x {args.minibatches} minibatches, critic {args.critic}; median of {len(timed)} iterations")  # fmt: skip
     it = med["perf/iteration_s"]

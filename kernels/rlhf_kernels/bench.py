@@ -5,6 +5,8 @@
 
 Cases (``op:N:V:H:dtype``):
 - ``token_logprobs``: forward only, logits given. Naive: log_softmax + gather.
+- ``ppo_loss_logits``: the loss alone, forward + backward from given (N, V) logits (``inplace=False``: a statistics
+  pass, then a gradient pass that reads and writes): the case to compare with the three-pass floor.
 - ``ppo_loss``: forward + backward with the logits produced as in a model, ``hidden (N, H) @ lm_head (V, H)^T``,
   gradients flowing back to both. Naive: log_softmax + gather + clipped objective under autograd. Fused:
   :func:`rlhf_kernels.ppo_loss_from_logits` with ``inplace=True`` (the training-step setting).
@@ -35,7 +37,7 @@ import torch
 import rlhf_kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OPS = ("token_logprobs", "ppo_loss")
+OPS = ("token_logprobs", "ppo_loss", "ppo_loss_logits")
 CPU_CASES = (
     "ppo_loss:4096:32000:256:float32",
     "ppo_loss:1024:32000:256:float32",
@@ -90,19 +92,20 @@ def _inputs(case: Case, device: torch.device, seed: int = 0) -> dict[str, torch.
     dtype = DTYPES[case.dtype]
     n, v = case.n, case.v
     x = {"targets": torch.randint(0, v, (n,), generator=g)}
-    if case.op == "ppo_loss":
-        x["hidden"] = torch.randn(n, case.hidden, generator=g) / case.hidden**0.5
-        x["weight"] = torch.randn(v, case.hidden, generator=g)
+    if case.op != "token_logprobs":
         x["old_logp"] = -torch.rand(n, generator=g) * 5 - 8
         x["advantages"] = torch.randn(n, generator=g)
         x["mask"] = torch.rand(n, generator=g) > 0.1
+    if case.op == "ppo_loss":
+        x["hidden"] = torch.randn(n, case.hidden, generator=g) / case.hidden**0.5
+        x["weight"] = torch.randn(v, case.hidden, generator=g)
     else:
         x["logits"] = torch.randn(n, v, generator=g) * 3
     out = {}
     for k, t in x.items():
         t = t.to(device)
         out[k] = t.to(dtype) if t.is_floating_point() and k in ("hidden", "weight", "logits") else t
-    for k in ("hidden", "weight"):
+    for k in ("hidden", "weight") if case.op == "ppo_loss" else ("logits",) if case.op == "ppo_loss_logits" else ():
         if k in out:
             out[k].requires_grad_(True)
     return out
@@ -122,15 +125,19 @@ def run_case(case: Case, impl: str, x: dict[str, torch.Tensor]) -> torch.Tensor:
         if impl == "naive":
             return torch.log_softmax(x["logits"].float(), dim=-1).gather(-1, x["targets"].unsqueeze(-1)).squeeze(-1)
         return rlhf_kernels.token_logprobs(x["logits"], x["targets"], backend=impl)
-    x["hidden"].grad = x["weight"].grad = None
-    logits = x["hidden"] @ x["weight"].T  # (N, V)
+    leaf = x["logits"] if case.op == "ppo_loss_logits" else x["hidden"]
+    leaf.grad = None
+    if case.op == "ppo_loss":
+        x["weight"].grad = None
+    logits = leaf if case.op == "ppo_loss_logits" else x["hidden"] @ x["weight"].T  # (N, V)
     args = (logits, x["targets"], x["old_logp"], x["advantages"], x["mask"])
     if impl == "naive":
         loss = _naive_ppo_loss(*args)
     else:
-        loss, _ = rlhf_kernels.ppo_loss_from_logits(*args, inplace=True, backend=impl)
+        # A leaf's storage cannot take the gradient in place; from a matmul's output it can (the training setting).
+        loss, _ = rlhf_kernels.ppo_loss_from_logits(*args, inplace=case.op == "ppo_loss", backend=impl)
     loss.backward()
-    return torch.cat([loss.detach().reshape(1).float(), x["hidden"].grad.flatten().float()[:4096]])
+    return torch.cat([loss.detach().reshape(1).float(), leaf.grad.flatten().float()[:4096]])
 
 
 def _sync(device: torch.device) -> None:
