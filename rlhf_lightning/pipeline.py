@@ -156,7 +156,16 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
     for phase in PHASES:
         parser.add_argument(f"--{phase}-config", type=Path, default=CONFIG_DIR / f"{phase}.yaml")
         parser.add_argument(f"--{phase}-args", default="", help=f"extra `rlhf fit` arguments of the {phase} phase")
-    args = parser.parse_args(argv)
+    # "--ppo-args --x=1" would read the value as an option: join each such pair into "--ppo-args=--x=1" first.
+    joined, i = [], 0
+    while i < len(argv):
+        if argv[i] in {f"--{phase}-args" for phase in PHASES} and i + 1 < len(argv):
+            joined.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(argv[i])
+            i += 1
+    args = parser.parse_args(joined)
     for phase in PHASES:
         config = getattr(args, f"{phase}_config")
         if not config.is_file():
