@@ -3,6 +3,7 @@
     rlhf fit -c configs/sft.yaml        # any phase: LightningCLI (omegaconf parser mode), TensorBoard logging
     rlhf world --out runs/world         # write the embedded review world's JSONL files
     rlhf pipeline --out runs/pipeline   # world -> SFT -> reward model -> PPO -> diagnosis (the main job)
+    rlhf diagnose runs/ppo [--out DIR]  # findings (evidence, causes, fixes) and plots of one or more runs
 
 ``fit`` (and validate/test) take the module and data module classes from the config's ``class_path``, so one
 command serves every phase. Checkpoints are written atomically (temporary file, fsync, rename).
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     words = sys.argv[1:] if argv is None else list(argv)
     if words and words[0] == "world":
         world_main(words[1:])
+        return
+    if words and words[0] == "diagnose":
+        from rlhf_lightning.diagnose.report import main as diagnose_main
+
+        diagnose_main(words[1:])
         return
     if words and words[0] == "pipeline":
         from rlhf_lightning.pipeline import pipeline_main

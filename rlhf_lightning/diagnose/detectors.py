@@ -1,0 +1,686 @@
+"""Pure detectors of what goes wrong in a PPO run, over a run's metric :class:`History`.
+
+Each detector returns one :class:`Finding`. It computes a boolean signal at every point of its metrics (using only
+the points up to that one, so the online callback and the offline report agree on when it first fired) and reports
+the first point where the signal holds, whether it still holds at the end, and the numbers behind it. A detector
+whose metrics the run did not log returns a finding with ``evaluated=False`` instead of failing.
+
+Trends are least-squares slopes with their t-statistic (slope / standard error), so "rising" means rising beyond
+the run's own noise, whatever the units of the reward. Thresholds are keyword arguments with documented defaults;
+:func:`run_detectors` takes overrides per detector name.
+
+Families (the prefix of a finding's name): ``reward_hacking`` (the policy exploits the proxy reward model),
+``mode_collapse``, ``kl_trouble`` (a mis-set KL penalty) and ``annotation_shift`` (the reward model learned the
+annotators' biases, so its reward was wrong from the start).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from rlhf_lightning.diagnose.history import History, Series
+
+FAMILIES = ("reward_hacking", "mode_collapse", "kl_trouble", "annotation_shift")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What one detector concluded about a run.
+
+    Fields:
+        name: ``family.detector``, e.g. ``reward_hacking.gold_divergence``.
+        title: the symptom in words.
+        evaluated: False when the run lacks the detector's metrics (``evidence`` says which).
+        triggered: the signal held at some iteration.
+        iteration: the first iteration where it held (None when it never did).
+        active: it holds at the last iteration seen.
+        evidence: the numbers behind the verdict (at the first trigger, else at the last point).
+        causes, fixes: likely causes and what to try, most likely first.
+    """
+
+    name: str
+    title: str
+    evaluated: bool
+    triggered: bool
+    iteration: int | None
+    active: bool
+    evidence: str
+    causes: tuple[str, ...]
+    fixes: tuple[str, ...]
+
+    @property
+    def family(self) -> str:
+        """The family of the finding: one of :data:`FAMILIES`."""
+        return self.name.split(".", 1)[0]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    title: str
+    causes: tuple[str, ...]
+    fixes: tuple[str, ...]
+
+
+Detector = Callable[..., Finding]
+#: Every detector by finding name, in report order.
+DETECTORS: dict[str, Detector] = {}
+
+
+def _detector(spec: _Spec) -> Callable[[Detector], Detector]:
+    def register(fn: Detector) -> Detector:
+        DETECTORS[spec.name] = fn
+        return fn
+
+    return register
+
+
+# -- numerical helpers ---------------------------------------------------------------------------------------------
+
+
+def trend(steps: np.ndarray, values: np.ndarray, window: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares slope (per step) and its t-statistic at every point, over the trailing ``window`` points.
+
+    ``window=None`` fits every point so far (an expanding window). Points with fewer than 3 points to fit (or fewer
+    than ``window``) get NaN. A perfect line has an infinite t-statistic of the slope's sign.
+
+    Args:
+        steps: (n,) the x of each point.
+        values: (n,) the y of each point.
+    Returns:
+        slope, t: (n,) each.
+    """
+    n = len(values)
+    # Centred first so that the sums of squares below lose no precision to large offsets.
+    x = np.asarray(steps, dtype=np.float64) - float(np.mean(steps)) if n else np.zeros(0)
+    y = np.asarray(values, dtype=np.float64) - float(np.mean(values)) if n else np.zeros(0)
+    cum = [np.concatenate([[0.0], np.cumsum(a)]) for a in (np.ones(n), x, y, x * x, x * y, y * y)]
+    end = np.arange(1, n + 1)
+    start = np.zeros(n, dtype=np.int64) if window is None else np.maximum(end - window, 0)
+    k, sx, sy, sxx, sxy, syy = (c[end] - c[start] for c in cum)
+    slope = np.full(n, np.nan)
+    t = np.full(n, np.nan)
+    ok = (k >= 3) if window is None else (k >= max(window, 3))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cxx = sxx - sx * sx / k
+        cxy = sxy - sx * sy / k
+        cyy = syy - sy * sy / k
+        b = cxy / cxx
+        resid = np.maximum(cyy - b * cxy, 0.0)
+        se = np.sqrt(resid / (k - 2) / cxx)
+        # A residual at rounding level is a perfect line: infinite t of the slope's sign (0 for a flat line).
+        tt = np.where(se > 1e-12 * np.abs(b), b / se, np.sign(b) * np.inf)
+        tt = np.where(b == 0, 0.0, tt)
+    ok &= cxx > 0
+    slope[ok], t[ok] = b[ok], tt[ok]
+    return slope, t
+
+
+def trailing_mean(values: np.ndarray, k: int) -> np.ndarray:
+    """Mean of the last ``k`` points at every point (of all points so far before the k-th). (n,) -> (n,)."""
+    c = np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
+    end = np.arange(1, len(values) + 1)
+    start = np.maximum(end - max(k, 1), 0)
+    return (c[end] - c[start]) / (end - start)
+
+
+def sustained(mask: np.ndarray, k: int) -> np.ndarray:
+    """True where ``mask`` held at this point and the ``k - 1`` before it. (n,) bool -> (n,) bool."""
+    run = np.zeros(len(mask), dtype=np.int64)
+    for i, m in enumerate(mask):
+        run[i] = (run[i - 1] + 1 if i else 1) if m else 0
+    return run >= max(k, 1)
+
+
+def _aligned(h: History, *tags: str) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """The steps all of ``tags`` share and each one's values there; None when a tag is missing or none are shared."""
+    series = [h.get(tag) for tag in tags]
+    if any(s is None for s in series):
+        return None
+    steps = series[0].steps
+    for s in series[1:]:
+        steps = np.intersect1d(steps, s.steps)
+    if not len(steps):
+        return None
+    return steps, [s.values[np.searchsorted(s.steps, steps)] for s in series]
+
+
+def _baseline(h: History, tag: str | None, series: Series, first_k: int) -> tuple[float, str]:
+    """The reference level of a metric: the first value of ``tag`` (an SFT measurement) if logged, else the mean of
+    the series' first ``first_k`` points (iteration 0 samples the SFT policy itself). Returns it and its source."""
+    ref = h.get(tag) if tag else None
+    if ref is not None:
+        return float(ref.values[0]), tag
+    k = min(max(first_k, 1), len(series.values))
+    return float(np.mean(series.values[:k])), f"its first {k} point(s)"
+
+
+def _result(spec: _Spec, steps: np.ndarray, signal: np.ndarray, describe: Callable[[int], str]) -> Finding:
+    hits = np.flatnonzero(signal)
+    if hits.size:
+        i = int(hits[0])
+        evidence = f"{describe(i)}; held at {hits.size} of {len(signal)} points"
+        first, active = int(steps[i]), bool(signal[-1])
+        return Finding(spec.name, spec.title, True, True, first, active, evidence, spec.causes, spec.fixes)
+    evidence = describe(len(signal) - 1) if len(signal) else "no points"
+    return Finding(spec.name, spec.title, True, False, None, False, evidence, spec.causes, spec.fixes)
+
+
+def not_evaluated(spec: _Spec, why: str) -> Finding:
+    """The finding of a detector that could not run on this history."""
+    return Finding(spec.name, spec.title, False, False, None, False, f"not evaluated: {why}", spec.causes, spec.fixes)
+
+
+def _needs(*tags: str) -> str:
+    return "needs " + " and ".join(tags)
+
+
+def _f(x: float) -> str:
+    return f"{x:.3g}"
+
+
+# -- reward hacking ------------------------------------------------------------------------------------------------
+
+_RM_EXPLOITED = "the policy found inputs the reward model over-scores (reward-model exploitation, over-optimisation)"
+_MORE_KL = "a larger or adaptive KL coefficient (kl_controller: adaptive with a kl_target), or fewer iterations"
+_ENSEMBLE = "a conservative ensemble reward (ensemble_size > 1 in the reward phase, ensemble_k > 0 in PPO)"
+_BETTER_RM = "a better reward model: more or cleaner preference pairs, de-biased annotators"
+
+GOLD_DIVERGENCE = _Spec(
+    "reward_hacking.gold_divergence",
+    "proxy reward rises while the gold reward falls",
+    (_RM_EXPLOITED, "the KL penalty is too weak to keep the policy where the reward model is accurate"),
+    ("keep the checkpoint of the gold (or conservative-proxy) peak (RLHFDiagnostics save_best)", _MORE_KL, _ENSEMBLE),
+)
+
+
+@_detector(GOLD_DIVERGENCE)
+def gold_divergence(
+    h: History, window: int = 10, t_min: float = 2.0, smooth: int = 5, drop_frac: float = 0.25
+) -> Finding:
+    """Proxy up, gold down: the over-optimisation signature.
+
+    Fires where, over the trailing ``window`` points, the proxy's slope has t > ``t_min`` and the gold's t <
+    ``-t_min``; or where the gold (trailing mean of ``smooth`` points) has lost at least ``drop_frac`` of its gain
+    from the start to its peak while the proxy is higher than at the gold's peak (and both trends still point that
+    way). Uses the rollout's gold and proxy (per iteration), else the evaluation's.
+    """
+    for proxy_tag, gold_tag in (
+        ("objective/proxy_reward", "objective/gold_reward"),
+        ("eval/proxy_reward", "eval/gold_reward"),
+    ):
+        pair = _aligned(h, proxy_tag, gold_tag)
+        if pair is not None and len(pair[0]) >= 3:
+            break
+    else:
+        return not_evaluated(GOLD_DIVERGENCE, _needs("objective/gold_reward", "objective/proxy_reward") + " (>= 3)")
+    steps, (proxy, gold) = pair
+    w = min(window, len(steps))
+    _, tp = trend(steps, proxy, w)
+    _, tg = trend(steps, gold, w)
+    gs, ps = trailing_mean(gold, smooth), trailing_mean(proxy, smooth)
+    peak_at = np.array([int(np.argmax(gs[: i + 1])) for i in range(len(gs))])
+    peak = gs[peak_at]
+    gain, drop, proxy_since = peak - gs[0], peak - gs, ps - ps[peak_at]
+    by_slope = (tp > t_min) & (tg < -t_min)
+    by_peak = (gain > 0) & (drop > 0) & (drop >= drop_frac * gain) & (proxy_since > 0) & (tp > 0) & (tg < 0)
+    signal = by_slope | by_peak
+
+    def describe(i: int) -> str:
+        return (
+            f"at iteration {steps[i]} (means of {smooth} points): {proxy_tag} {_f(ps[i])} (trend t={_f(tp[i])}, "
+            f"{proxy_since[i]:+.3g} since the gold peak), {gold_tag} {_f(gs[i])} (t={_f(tg[i])}), {_f(drop[i])} "
+            f"below its peak {_f(peak[i])} at iteration {steps[peak_at[i]]}"
+        )
+
+    return _result(GOLD_DIVERGENCE, steps, signal, describe)
+
+
+KL_OUTPACES_REWARD = _Spec(
+    "reward_hacking.kl_outpaces_reward",
+    "KL keeps growing while the reward gained per unit of sqrt(KL) collapses",
+    (_RM_EXPLOITED + "; past the reward model's reliable region, more KL buys no reward",),
+    (_MORE_KL, _ENSEMBLE, "stop earlier: keep the checkpoint before the gain fell"),
+)
+
+
+@_detector(KL_OUTPACES_REWARD)
+def kl_outpaces_reward(
+    h: History, window: int = 10, t_min: float = 2.0, min_growth: float = 0.05, gain_frac: float = 0.25
+) -> Finding:
+    """Reward gained per unit of sqrt(KL), now against when the KL started to grow.
+
+    Reward grows about linearly in sqrt(KL) while the proxy is trustworthy (the scaling of reward-model
+    over-optimisation), so d reward / d sqrt(KL) stays roughly constant on a healthy run. Fires where sqrt(KL) rises
+    (trailing-``window`` slope t > ``t_min``, and by at least ``min_growth`` of its level over the window, so that
+    noise on a settled KL is no growth) and that gain (ratio of the two trailing slopes) is below ``gain_frac``
+    times the gain at the first window where sqrt(KL) rose (below 0 if that gain was not positive).
+    """
+    pair = _aligned(h, "objective/proxy_reward", "objective/kl")
+    if pair is None:
+        return not_evaluated(KL_OUTPACES_REWARD, _needs("objective/proxy_reward", "objective/kl"))
+    steps, (reward, kl) = pair
+    root = np.sqrt(np.clip(kl, 0.0, None))
+    sr, _ = trend(steps, reward, window)
+    sk, tk = trend(steps, root, window)
+    with np.errstate(invalid="ignore"):
+        rising = (tk > t_min) & (sk * window >= min_growth * root)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gain = np.where(rising, sr / sk, np.nan)
+    first = np.flatnonzero(rising)
+    base = float(gain[first[0]]) if first.size else np.nan
+    signal = rising & (gain < gain_frac * max(base, 0.0))
+
+    def describe(i: int) -> str:
+        return (
+            f"at iteration {steps[i]}: KL {_f(kl[i])} (sqrt(KL) trend t={_f(tk[i])}), reward gain per sqrt(KL) "
+            f"{_f(gain[i])} against {_f(base)} when the KL started to grow"
+        )
+
+    return _result(KL_OUTPACES_REWARD, steps, signal, describe)
+
+
+LENGTH_CORRELATION = _Spec(
+    "reward_hacking.length_correlation",
+    "the proxy reward increasingly follows response length",
+    ("the reward model rewards length (length-biased preference data), and the policy learned to ramble",),
+    ("length-normalise or length-penalise the reward", _BETTER_RM, _MORE_KL),
+)
+
+
+@_detector(LENGTH_CORRELATION)
+def length_correlation(h: History, smooth: int = 5, corr_min: float = 0.5, rise: float = 0.2) -> Finding:
+    """Rising score-length correlation within the rollouts.
+
+    Fires where the trailing mean (``smooth`` points) of ``rollout/score_length_corr`` is at least ``corr_min`` and
+    at least ``rise`` above its mean over the first ``smooth`` points.
+    """
+    s = h.get("rollout/score_length_corr")
+    if s is None:
+        return not_evaluated(LENGTH_CORRELATION, _needs("rollout/score_length_corr"))
+    cs = trailing_mean(s.values, smooth)
+    base, _ = _baseline(h, None, s, smooth)
+    signal = (cs >= corr_min) & (cs - base >= rise)
+
+    def describe(i: int) -> str:
+        return f"at iteration {s.steps[i]}: score-length correlation {_f(cs[i])} (mean of {smooth}), from {_f(base)}"
+
+    return _result(LENGTH_CORRELATION, s.steps, signal, describe)
+
+
+ENSEMBLE_DISAGREEMENT = _Spec(
+    "reward_hacking.ensemble_disagreement",
+    "the reward-model ensemble disagrees more and more on the policy's samples",
+    ("the policy moved where the reward models were not trained (out of distribution), so their scores diverge",),
+    ("raise ensemble_k (penalise disagreement)", _MORE_KL, "keep the checkpoint before the disagreement grew"),
+)
+
+
+@_detector(ENSEMBLE_DISAGREEMENT)
+def ensemble_disagreement(h: History, smooth: int = 5, ratio: float = 2.0) -> Finding:
+    """Rising ensemble disagreement: fires where the trailing mean (``smooth`` points) of ``objective/ensemble_std``
+    exceeds ``ratio`` times its mean over the first ``smooth`` points."""
+    s = h.get("objective/ensemble_std")
+    if s is None:
+        return not_evaluated(ENSEMBLE_DISAGREEMENT, _needs("objective/ensemble_std") + " (a reward-model ensemble)")
+    cs = trailing_mean(s.values, smooth)
+    base, _ = _baseline(h, None, s, smooth)
+    signal = cs > ratio * base
+
+    def describe(i: int) -> str:
+        return f"at iteration {s.steps[i]}: ensemble std {_f(cs[i])} (mean of {smooth}), {_f(base)} at the start"
+
+    return _result(ENSEMBLE_DISAGREEMENT, s.steps, signal, describe)
+
+
+# -- mode collapse -------------------------------------------------------------------------------------------------
+
+_COLLAPSE = "the policy concentrates on a few high-reward responses (mode collapse), helped by a weak KL penalty"
+_ENTROPY_FIX = "an entropy bonus (entropy_coef > 0)"
+
+
+def _drop(
+    spec: _Spec, h: History, candidates: tuple[tuple[str, str | None, bool], ...], frac: float, smooth: int
+) -> Finding:
+    """Fires where a diversity metric (trailing mean of ``smooth`` points) falls below ``frac`` of its baseline.
+
+    ``candidates``: (tag, SFT-baseline tag or None, inverted) for each metric that measures it; an inverted metric
+    (self-BLEU: higher is less diverse) is compared as 1 - value. The earliest trigger among the logged ones wins.
+    """
+    findings = []
+    for tag, baseline_tag, inverted in candidates:
+        s = h.get(tag)
+        if s is None:
+            continue
+        values = 1.0 - s.values if inverted else s.values
+        s = Series(s.steps, values)
+        base, source = _baseline(h, baseline_tag, s, smooth)
+        if inverted and baseline_tag and h.get(baseline_tag) is not None:
+            base = 1.0 - base
+        cs = trailing_mean(values, smooth)
+        signal = cs < frac * base
+        label = f"1 - {tag}" if inverted else tag
+
+        def describe(i: int, s=s, cs=cs, base=base, source=source, label=label) -> str:
+            return (
+                f"at iteration {s.steps[i]}: {label} {_f(cs[i])} against {_f(base)} ({source}), "
+                f"{_f(cs[i] / base if base else np.nan)} of it"
+            )
+
+        findings.append(_result(spec, s.steps, signal, describe))
+    if not findings:
+        return not_evaluated(spec, "needs one of " + ", ".join(c[0] for c in candidates))
+    fired = [f for f in findings if f.triggered]
+    return min(fired, key=lambda f: f.iteration) if fired else findings[0]
+
+
+PER_INPUT_DIVERSITY = _Spec(
+    "mode_collapse.per_input_diversity",
+    "the k samples of one prompt become alike",
+    (_COLLAPSE,),
+    (_ENTROPY_FIX, _MORE_KL, "a higher sampling temperature in the rollouts"),
+)
+
+
+@_detector(PER_INPUT_DIVERSITY)
+def per_input_diversity(h: History, frac: float = 0.5, smooth: int = 1) -> Finding:
+    """Per-input diversity below ``frac`` of the SFT policy's: ``diversity/per_input_distinct_2`` against
+    ``eval/sft_per_input_distinct_2``, or 1 - ``diversity/per_input_self_bleu`` against the SFT's (each against its
+    first evaluation when the SFT value is not logged). Evaluations are sparse, hence ``smooth=1``."""
+    return _drop(
+        PER_INPUT_DIVERSITY,
+        h,
+        (
+            ("diversity/per_input_distinct_2", "eval/sft_per_input_distinct_2", False),
+            ("diversity/per_input_self_bleu", "eval/sft_per_input_self_bleu", True),
+        ),
+        frac,
+        smooth,
+    )
+
+
+ENTROPY_COLLAPSE = _Spec(
+    "mode_collapse.entropy",
+    "the policy's entropy collapses",
+    (_COLLAPSE,),
+    (_ENTROPY_FIX, _MORE_KL, "a lower learning rate"),
+)
+
+
+@_detector(ENTROPY_COLLAPSE)
+def entropy_collapse(h: History, frac: float = 0.3, smooth: int = 5) -> Finding:
+    """``objective/entropy`` (trailing mean of ``smooth`` points) below ``frac`` of ``eval/sft_entropy`` (else of its
+    first ``smooth`` points). PPO lowers entropy on healthy runs too, hence a lower fraction than for diversity."""
+    return _drop(ENTROPY_COLLAPSE, h, (("objective/entropy", "eval/sft_entropy", False),), frac, smooth)
+
+
+ACROSS_INPUT_DIVERSITY = _Spec(
+    "mode_collapse.across_input_diversity",
+    "responses to different prompts become alike (across-input distinct-2 collapses)",
+    (_COLLAPSE + "; late stage: one response fits every prompt",),
+    (_ENTROPY_FIX, _MORE_KL, "keep the checkpoint before the collapse"),
+)
+
+
+@_detector(ACROSS_INPUT_DIVERSITY)
+def across_input_diversity(h: History, frac: float = 0.5, smooth: int = 5) -> Finding:
+    """Rollout ``diversity/distinct_2`` (trailing mean of ``smooth`` points) below ``frac`` of its first points."""
+    return _drop(ACROSS_INPUT_DIVERSITY, h, (("diversity/distinct_2", None, False),), frac, smooth)
+
+
+DUPLICATES = _Spec(
+    "mode_collapse.duplicates",
+    "identical responses to different prompts",
+    (_COLLAPSE + "; the reward model scores a generic response highly whatever the prompt",),
+    (_ENTROPY_FIX, _MORE_KL, _BETTER_RM + " (prompt-specific pairs)"),
+)
+
+
+@_detector(DUPLICATES)
+def duplicates(h: History, smooth: int = 3, max_rate: float = 0.25) -> Finding:
+    """``rollout/duplicate_rate`` (trailing mean of ``smooth`` points) reaches ``max_rate``, having started below."""
+    s = h.get("rollout/duplicate_rate")
+    if s is None:
+        return not_evaluated(DUPLICATES, _needs("rollout/duplicate_rate"))
+    cs = trailing_mean(s.values, smooth)
+    base, _ = _baseline(h, None, s, smooth)
+    signal = (cs >= max_rate) & (base < max_rate)
+
+    def describe(i: int) -> str:
+        return f"at iteration {s.steps[i]}: {_f(cs[i])} of the responses duplicate another prompt's, from {_f(base)}"
+
+    return _result(DUPLICATES, s.steps, signal, describe)
+
+
+# -- KL trouble ----------------------------------------------------------------------------------------------------
+
+NEGATIVE_KL = _Spec(
+    "kl_trouble.negative_kl",
+    "the KL estimate is negative for several iterations",
+    (
+        "the k1 estimator (log p - log p_ref) is unbiased but not positive; a sustained negative mean means the "
+        "samples do not come from the policy the log-probabilities are computed for (temperature, top-k/top-p or "
+        "padding differ between sampling and scoring), or the reference is not the SFT policy",
+    ),
+    (
+        "sample with temperature 1 and no top-k/top-p, or score at the sampling temperature",
+        "a non-negative estimator (kl_estimator: k3 or full)",
+    ),
+)
+
+
+@_detector(NEGATIVE_KL)
+def negative_kl(h: History, window: int = 5, tol: float = 0.05) -> Finding:
+    """``objective/kl``: the mean of the last ``window`` points below ``-tol`` (nats per sequence)."""
+    s = h.get("objective/kl")
+    if s is None:
+        return not_evaluated(NEGATIVE_KL, _needs("objective/kl"))
+    m = trailing_mean(s.values, window)
+    signal = (m < -tol) & (np.arange(len(m)) >= window - 1)
+
+    def describe(i: int) -> str:
+        return f"at iteration {s.steps[i]}: mean KL {_f(m[i])} over the last {window} points"
+
+    return _result(NEGATIVE_KL, s.steps, signal, describe)
+
+
+KL_BLOWUP = _Spec(
+    "kl_trouble.kl_blowup",
+    "the KL to the reference blows up",
+    (
+        "beta too low (or zero) for the learning rate: nothing holds the policy near the reference",
+        "too large policy steps (learning rate, epochs, clip range)",
+    ),
+    (_MORE_KL, "a lower learning rate, fewer ppo_epochs or target_approx_kl"),
+)
+
+
+@_detector(KL_BLOWUP)
+def kl_blowup(
+    h: History, bound: float = 30.0, growth: float = 3.0, window: int = 10, floor: float = 5.0, smooth: int = 3
+) -> Finding:
+    """``objective/kl`` (trailing mean of ``smooth`` points) above ``bound`` nats, or above ``floor`` and ``growth``
+    times what it was ``window`` points earlier (exploding growth)."""
+    s = h.get("objective/kl")
+    if s is None:
+        return not_evaluated(KL_BLOWUP, _needs("objective/kl"))
+    ks = trailing_mean(s.values, smooth)
+    lag = np.full(len(ks), np.nan)
+    if 0 < window < len(ks):
+        lag[window:] = ks[:-window]
+    with np.errstate(invalid="ignore"):
+        signal = (ks > bound) | ((ks > floor) & (ks >= growth * lag))
+
+    def describe(i: int) -> str:
+        before = f", {_f(lag[i])} {window} points earlier" if np.isfinite(lag[i]) else ""
+        return f"at iteration {s.steps[i]}: KL {_f(ks[i])} nats (mean of {smooth}){before}; bound {_f(bound)}"
+
+    return _result(KL_BLOWUP, s.steps, signal, describe)
+
+
+BETA_AT_BOUND = _Spec(
+    "kl_trouble.beta_at_bound",
+    "the adaptive controller's beta sits at kl_min or kl_max",
+    (
+        "the KL target is out of reach: at kl_max the policy drifts despite the strongest penalty (target too low "
+        "or steps too large); at kl_min the KL stays below the target with no penalty at all (target too high)",
+    ),
+    ("a reachable kl_target, or wider [kl_min, kl_max]", "a smaller learning rate when beta sits at kl_max"),
+)
+
+
+@_detector(BETA_AT_BOUND)
+def beta_at_bound(h: History, patience: int = 3, rtol: float = 1e-3) -> Finding:
+    """Beta at a bound for ``patience`` iterations in a row: the module's own flag ``objective/kl_coef_at_bound``
+    when logged, else ``objective/kl_coef`` within ``rtol`` of hparams' ``kl_min`` or ``kl_max``; only for
+    ``kl_controller: adaptive`` (read from hparams.yaml)."""
+    flag = h.get("objective/kl_coef_at_bound")
+    if flag is not None:
+        signal = sustained(flag.values > 0.5, patience)
+
+        def describe_flag(i: int) -> str:
+            return f"at iteration {flag.steps[i]}: objective/kl_coef_at_bound set {patience} iterations in a row"
+
+        return _result(BETA_AT_BOUND, flag.steps, signal, describe_flag)
+    hp = h.hparams
+    if hp.get("kl_controller") != "adaptive":
+        why = f"kl_controller is {hp['kl_controller']}" if "kl_controller" in hp else "no kl_controller in hparams"
+        return not_evaluated(BETA_AT_BOUND, why + " (applies to the adaptive controller)")
+    s = h.get("objective/kl_coef")
+    if s is None or "kl_min" not in hp or "kl_max" not in hp:
+        return not_evaluated(BETA_AT_BOUND, _needs("objective/kl_coef", "kl_min/kl_max in hparams"))
+    lo, hi = float(hp["kl_min"]), float(hp["kl_max"])
+    at = np.isclose(s.values, lo, rtol=rtol, atol=0.0) | np.isclose(s.values, hi, rtol=rtol, atol=0.0)
+    signal = sustained(at, patience)
+
+    def describe(i: int) -> str:
+        return f"at iteration {s.steps[i]}: beta {_f(s.values[i])}, bounds [{_f(lo)}, {_f(hi)}]"
+
+    return _result(BETA_AT_BOUND, s.steps, signal, describe)
+
+
+NO_KL_PENALTY = _Spec(
+    "kl_trouble.no_kl_penalty",
+    "the KL penalty is off while the KL grows",
+    ("kl_coef 0 (or annealed to 0): the only thing keeping the policy near the SFT policy is gone",),
+    ("a positive kl_coef, or an adaptive controller", "kl_floor > 0 for an annealed controller"),
+)
+
+
+@_detector(NO_KL_PENALTY)
+def no_kl_penalty(h: History, window: int = 10, t_min: float = 2.0) -> Finding:
+    """Beta (``objective/kl_coef``, else hparams' ``kl_coef`` of a fixed controller) is 0 while ``objective/kl``
+    rises (trailing-``window`` slope t > ``t_min``)."""
+    kl = h.get("objective/kl")
+    if kl is None:
+        return not_evaluated(NO_KL_PENALTY, _needs("objective/kl"))
+    if h.get("objective/kl_coef") is not None:
+        pair = _aligned(h, "objective/kl", "objective/kl_coef")
+        if pair is None:
+            return not_evaluated(NO_KL_PENALTY, "objective/kl and objective/kl_coef share no iteration")
+        steps, (kl_values, beta) = pair
+    elif "kl_coef" in h.hparams and h.hparams.get("kl_controller", "fixed") == "fixed":
+        steps, kl_values = kl.steps, kl.values
+        beta = np.full(len(steps), float(h.hparams["kl_coef"]))
+    else:
+        return not_evaluated(NO_KL_PENALTY, _needs("objective/kl_coef (or kl_coef of a fixed controller)"))
+    _, t = trend(steps, kl_values, window)
+    signal = (np.abs(beta) <= 1e-12) & (t > t_min)
+
+    def describe(i: int) -> str:
+        return f"at iteration {steps[i]}: beta {_f(beta[i])}, KL {_f(kl_values[i])} rising (trend t={_f(t[i])})"
+
+    return _result(NO_KL_PENALTY, steps, signal, describe)
+
+
+# -- annotation distribution shift / flawed reward model -----------------------------------------------------------
+
+_SHIFT = (
+    "the reward model learned the annotators' biases or a different distribution than the gold raters' "
+    "(annotation distribution shift): its reward was wrong before the policy moved"
+)
+
+LENGTH_BIAS = _Spec(
+    "annotation_shift.length_bias",
+    "proxy rises from the start, gold does not, and the proxy follows length",
+    (_SHIFT + "; here a length bias", "length-biased annotators"),
+    (_BETTER_RM, "length-normalise or length-penalise the reward", "check the reward model's gold agreement first"),
+)
+
+
+@_detector(LENGTH_BIAS)
+def length_bias(
+    h: History, t_min: float = 2.0, gold_t_max: float = 1.0, corr_min: float = 0.5, min_points: int = 10
+) -> Finding:
+    """Over all points so far (at least ``min_points``): proxy trend t > ``t_min``, gold trend t < ``gold_t_max``
+    (not reliably rising), and mean score-length correlation at least ``corr_min``."""
+    tags = ("objective/proxy_reward", "objective/gold_reward", "rollout/score_length_corr")
+    triple = _aligned(h, *tags)
+    if triple is None:
+        return not_evaluated(LENGTH_BIAS, _needs(*tags))
+    steps, (proxy, gold, corr) = triple
+    _, tp = trend(steps, proxy, None)
+    _, tg = trend(steps, gold, None)
+    mean_corr = np.cumsum(corr) / np.arange(1, len(corr) + 1)
+    signal = (np.arange(len(steps)) >= min_points - 1) & (tp > t_min) & (tg < gold_t_max) & (mean_corr >= corr_min)
+
+    def describe(i: int) -> str:
+        return (
+            f"iterations {steps[0]}-{steps[i]}: proxy trend t={_f(tp[i])}, gold trend t={_f(tg[i])} "
+            f"({_f(gold[0])} -> {_f(gold[i])}), mean score-length correlation {_f(mean_corr[i])}"
+        )
+
+    return _result(LENGTH_BIAS, steps, signal, describe)
+
+
+PROXY_GOLD_DISAGREEMENT = _Spec(
+    "annotation_shift.proxy_gold_disagreement",
+    "on held-out prompts the proxy says the policy beats SFT, the gold judge says it does not",
+    (_SHIFT, _RM_EXPLOITED),
+    (_BETTER_RM, "measure the reward model's agreement with gold raters on policy samples", _ENSEMBLE),
+)
+
+
+@_detector(PROXY_GOLD_DISAGREEMENT)
+def proxy_gold_disagreement(h: History, patience: int = 2) -> Finding:
+    """At ``patience`` evaluations in a row: ``eval/proxy_reward`` above ``eval/sft_proxy_reward`` while
+    ``eval/gold_reward`` is not above ``eval/sft_gold_reward`` (each against its first evaluation when the SFT value
+    is not logged)."""
+    pair = _aligned(h, "eval/proxy_reward", "eval/gold_reward")
+    if pair is None:
+        return not_evaluated(PROXY_GOLD_DISAGREEMENT, _needs("eval/proxy_reward", "eval/gold_reward"))
+    steps, (proxy, gold) = pair
+    proxy_base, _ = _baseline(h, "eval/sft_proxy_reward", Series(steps, proxy), 1)
+    gold_base, _ = _baseline(h, "eval/sft_gold_reward", Series(steps, gold), 1)
+    proxy_gain, gold_gain = proxy - proxy_base, gold - gold_base
+    signal = sustained((proxy_gain > 0) & (gold_gain <= 0), patience)
+
+    def describe(i: int) -> str:
+        return (
+            f"at iteration {steps[i]}: proxy {_f(proxy[i])} vs SFT {_f(proxy_base)} ({proxy_gain[i]:+.3g}), "
+            f"gold {_f(gold[i])} vs SFT {_f(gold_base)} ({gold_gain[i]:+.3g})"
+        )
+
+    return _result(PROXY_GOLD_DISAGREEMENT, steps, signal, describe)
+
+
+# -- all of them ---------------------------------------------------------------------------------------------------
+
+
+def run_detectors(h: History, thresholds: Mapping[str, Mapping[str, float]] | None = None) -> list[Finding]:
+    """Every detector on ``h``, in :data:`DETECTORS` order.
+
+    Args:
+        thresholds: keyword overrides per finding name, e.g. ``{"kl_trouble.kl_blowup": {"bound": 50}}``.
+    Raises:
+        ValueError: ``thresholds`` names an unknown detector.
+        TypeError: it gives a detector an argument it does not take.
+    """
+    thresholds = thresholds or {}
+    unknown = sorted(set(thresholds) - set(DETECTORS))
+    if unknown:
+        raise ValueError(f"unknown detector(s) in thresholds: {unknown}; known: {sorted(DETECTORS)}")
+    return [fn(h, **dict(thresholds.get(name, {}))) for name, fn in DETECTORS.items()]

@@ -1,0 +1,158 @@
+"""Each detector fires on a run broken in its way and stays quiet on a healthy run; missing metrics never crash."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rlhf_lightning.diagnose.detectors import DETECTORS, FAMILIES, run_detectors, sustained, trailing_mean, trend
+from rlhf_lightning.diagnose.history import History
+
+t = np.arange(60, dtype=np.float64)
+
+
+def _gold_peaks_then_falls(p, s):
+    s.set_series(p, "objective/proxy_reward", 0.03 * t)
+    s.set_series(p, "objective/gold_reward", 0.8 * s.rise(np.minimum(t, 30)) - 0.03 * np.maximum(t - 30, 0))
+
+
+def _reward_stalls_while_kl_grows(p, s):
+    kl = 0.3 * t
+    s.set_series(p, "objective/kl", kl)
+    s.set_series(p, "objective/proxy_reward", 0.3 * np.sqrt(kl[np.minimum(t, 25).astype(int)]))
+
+
+def _adaptive_beta_hits_max(p, s):
+    s.set_series(p, "objective/kl_coef", np.minimum(0.05 * 1.2**t, 10.0))
+    p["__hparams__"] = {**s.hparams, "kl_controller": "adaptive"}
+
+
+def _no_penalty(p, s):
+    s.set_series(p, "objective/kl_coef", np.zeros(len(t)))
+    s.set_series(p, "objective/kl", 0.3 * t)
+
+
+def _gold_flat_proxy_follows_length(p, s):
+    rng = np.random.default_rng(1)
+    s.set_series(p, "objective/gold_reward", 0.1 + rng.normal(0, 0.02, len(t)))
+    s.set_series(p, "rollout/score_length_corr", np.full(len(t), 0.7))
+
+
+def _eval_gold_below_sft(p, s):
+    s.set_series(p, "eval/gold_reward", np.full(len(p["eval/gold_reward"]), -0.1))
+
+
+#: finding name -> how to break the healthy run so that it must fire
+BREAKS = {
+    "reward_hacking.gold_divergence": _gold_peaks_then_falls,
+    "reward_hacking.kl_outpaces_reward": _reward_stalls_while_kl_grows,
+    "reward_hacking.length_correlation": lambda p, s: s.set_series(
+        p, "rollout/score_length_corr", np.linspace(0.1, 0.8, len(t))
+    ),
+    "reward_hacking.ensemble_disagreement": lambda p, s: s.set_series(
+        p, "objective/ensemble_std", np.linspace(0.1, 0.4, len(t))
+    ),
+    "mode_collapse.per_input_diversity": lambda p, s: s.set_series(
+        p, "diversity/per_input_distinct_2", np.linspace(0.5, 0.1, len(p["diversity/per_input_distinct_2"]))
+    ),
+    "mode_collapse.entropy": lambda p, s: s.set_series(p, "objective/entropy", np.linspace(2.0, 0.2, len(t))),
+    "mode_collapse.across_input_diversity": lambda p, s: s.set_series(
+        p, "diversity/distinct_2", np.linspace(0.6, 0.1, len(t))
+    ),
+    "mode_collapse.duplicates": lambda p, s: s.set_series(p, "rollout/duplicate_rate", np.linspace(0, 0.6, len(t))),
+    "kl_trouble.negative_kl": lambda p, s: s.set_series(p, "objective/kl", np.full(len(t), -0.3)),
+    "kl_trouble.kl_blowup": lambda p, s: s.set_series(p, "objective/kl", np.exp(t / 10)),
+    "kl_trouble.beta_at_bound": _adaptive_beta_hits_max,
+    "kl_trouble.no_kl_penalty": _no_penalty,
+    "annotation_shift.length_bias": _gold_flat_proxy_follows_length,
+    "annotation_shift.proxy_gold_disagreement": _eval_gold_below_sft,
+}
+
+
+def _history(points: dict, hparams: dict) -> History:
+    hparams = points.pop("__hparams__", hparams)
+    return History.from_points(points, hparams)
+
+
+def test_every_detector_has_a_broken_run():
+    assert set(BREAKS) == set(DETECTORS)
+    assert {name.split(".")[0] for name in DETECTORS} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_healthy_run_triggers_nothing(synth, seed):
+    hparams = {**synth.hparams, "kl_controller": "adaptive"}  # so that beta_at_bound is evaluated too
+    findings = run_detectors(History.from_points(synth.healthy_points(seed), hparams))
+    assert all(f.evaluated for f in findings), [f.evidence for f in findings if not f.evaluated]
+    assert not [f.name for f in findings if f.triggered], [f.evidence for f in findings if f.triggered]
+
+
+@pytest.mark.parametrize("name", sorted(BREAKS))
+def test_detector_fires_on_its_broken_run(synth, name):
+    points = synth.healthy_points()
+    BREAKS[name](points, synth)
+    finding = DETECTORS[name](_history(points, synth.hparams))
+    assert finding.evaluated and finding.triggered, finding.evidence
+    assert finding.name == name and finding.iteration is not None
+    assert "iteration" in finding.evidence and finding.causes and finding.fixes
+
+
+@pytest.mark.parametrize("name", sorted(BREAKS))
+def test_first_trigger_is_the_same_online(synth, name):
+    """Signals use only past points: the history cut at the first trigger fires there, and one point earlier not."""
+    points = synth.healthy_points()
+    BREAKS[name](points, synth)
+    full = _history(points, synth.hparams)
+    first = DETECTORS[name](full).iteration
+
+    def cut(last: int) -> History:
+        kept = {tag: {k: v for k, v in pts.items() if k <= last} for tag, pts in points.items()}
+        return History.from_points({tag: pts for tag, pts in kept.items() if pts}, full.hparams)
+
+    assert DETECTORS[name](cut(first)).iteration == first
+    assert not DETECTORS[name](cut(first - 1)).triggered
+
+
+def test_missing_metrics_are_not_evaluated():
+    findings = run_detectors(History())
+    assert len(findings) == len(DETECTORS)
+    assert not any(f.evaluated or f.triggered for f in findings)
+    assert all(f.evidence.startswith("not evaluated") for f in findings)
+
+
+def test_fixed_controller_skips_beta_at_bound(synth):
+    f = DETECTORS["kl_trouble.beta_at_bound"](History.from_points(synth.healthy_points(), synth.hparams))
+    assert not f.evaluated and "fixed" in f.evidence
+
+
+def test_beta_at_bound_reads_the_modules_flag(synth):
+    points = synth.healthy_points()
+    synth.set_series(points, "objective/kl_coef_at_bound", (t >= 30).astype(float))
+    f = DETECTORS["kl_trouble.beta_at_bound"](History.from_points(points))  # no hparams needed
+    assert f.triggered and f.iteration == 32 and f.active
+
+
+def test_thresholds_override_and_validate(synth):
+    h = History.from_points(synth.healthy_points(), synth.hparams)
+    blowup = {f.name: f for f in run_detectors(h, {"kl_trouble.kl_blowup": {"bound": 1.0}})}["kl_trouble.kl_blowup"]
+    assert blowup.triggered
+    with pytest.raises(ValueError, match="unknown detector"):
+        run_detectors(h, {"kl_trouble.nope": {}})
+    with pytest.raises(TypeError):
+        run_detectors(h, {"kl_trouble.kl_blowup": {"nope": 1.0}})
+
+
+def test_trend_slope_and_t_statistic():
+    steps = np.arange(6)
+    slope, t_stat = trend(steps, np.array([0.0, 2.0, 4.0, 6.0, 8.0, 10.0]), 3)
+    assert np.isnan(slope[:2]).all() and np.allclose(slope[2:], 2.0) and np.isinf(t_stat[2:]).all()
+    # y = 0, 1, 0 at x = 0, 1, 2: slope 0. Expanding fit of 0, 1, 0, 3: Sxx = 5, Sxy = 4, Syy = 6, so the slope is
+    # 4/5, the residual sum of squares 6 - 0.8 * 4 = 2.8 and t = 0.8 / sqrt(2.8 / (4 - 2) / 5).
+    slope, t_stat = trend(np.arange(4), np.array([0.0, 1.0, 0.0, 3.0]), None)
+    assert slope[2] == pytest.approx(0.0, abs=1e-12) and t_stat[2] == 0.0
+    assert slope[3] == pytest.approx(0.8) and t_stat[3] == pytest.approx(0.8 / np.sqrt(2.8 / 2 / 5))
+
+
+def test_trailing_mean_and_sustained():
+    assert np.allclose(trailing_mean(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
+    assert sustained(np.array([True, True, False, True, True, True]), 2).tolist() == [0, 1, 0, 0, 1, 1]
