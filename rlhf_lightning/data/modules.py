@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from rlhf_lightning.data.collate import (
+    PreferenceExample,
     collate_pairs,
     collate_prompts,
     collate_sft,
@@ -32,7 +34,9 @@ from rlhf_lightning.data.collate import (
 )
 from rlhf_lightning.data.jsonl import read_jsonl
 from rlhf_lightning.data.tokenizer import TOKENIZER_FILE, Tokenizer
+from rlhf_lightning.models.sampling import PolicyBackbone, SamplingConfig, generate
 from rlhf_lightning.world import WORDS, Annotators, GoldJudge, JudgeConfig, WorldConfig, write_world
+from rlhf_lightning.world.annotators import Ended
 from rlhf_lightning.world.writer import META_FILE as WORLD_META
 
 
@@ -237,35 +241,139 @@ class PreferenceDataModule(_SplitDataModule):
     Bayes accuracy on those pairs (:attr:`bayes_accuracy`), so a reward model's accuracy can be read against the best
     any model can reach under the label noise, and its ordering against the gold judge's.
 
+    Where the two responses of a pair come from (``pair_source``):
+
+    - ``"grammar"``: the pairs of the JSONL files as they are (on the world: two responses drawn from the grammar's
+      broad pair distribution, labelled by the annotators when the world was written).
+    - ``"sft_policy"``: for each record's prompt, in both splits, two responses sampled from the SFT policy and
+      labelled by the world's annotators (``world.annotators``): pairs on the distribution PPO starts from. The
+      RewardModule calls :meth:`sample_policy_pairs` with its SFT backbone before training. The val pairs are sampled
+      the same way for the val prompts, so ``rm/accuracy`` and ``rm/bayes_accuracy`` are measured on that
+      distribution too. Needs the world (its judge and annotators).
+
     Args:
         train_file, val_file: JSONL files; default ``data_dir/prefs_{train,val}.jsonl``.
+        pair_source: "grammar" or "sft_policy" (above).
+        pair_sampling: how the policy's responses are sampled; default temperature 1 and at most
+            ``max_response_len`` new tokens (a response that reaches it has no EOS, like a truncated one, and the
+            annotators and the gold judge see it unended).
         (the rest: see :class:`RLHFDataModule`)
     """
 
     PREFIX, KIND = "prefs", "preference"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(
+        self,
+        *args,
+        pair_source: Literal["grammar", "sft_policy"] = "grammar",
+        pair_sampling: SamplingConfig | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        if pair_source not in ("grammar", "sft_policy"):
+            raise ValueError(f"pair_source must be 'grammar' or 'sft_policy', got {pair_source!r}")
+        self.pair_source = pair_source
+        self.pair_sampling = pair_sampling or SamplingConfig(max_new_tokens=self.hparams.max_response_len)
         self.val_gold: tuple[torch.Tensor, torch.Tensor] | None = None  # (B_val,) gold of chosen, of rejected
         self.bayes_accuracy: float | None = None
+        self._split_prompts: dict[str, list[str]] = {}
+        self._policy_pairs_seed: int | None = None
 
     def tokenize(self, records: list[dict[str, str]]):
         h = self.hparams
         return tokenize_preferences(records, self.tokenizer, h.max_prompt_len, h.max_response_len)
 
     def on_split_loaded(self, split: str, records: list[dict[str, str]]) -> None:
-        if split != "val" or self.judge is None:
+        self._split_prompts[split] = [r["prompt"] for r in records]
+        if split == "val" and self.judge is not None:
+            chosen, rejected = [r["chosen"] for r in records], [r["rejected"] for r in records]
+            self._set_val_references(self._split_prompts["val"], chosen, rejected)
+
+    def _set_val_references(
+        self, prompts: list[str], chosen: list[str], rejected: list[str], ended: Ended = None
+    ) -> None:
+        """Sets :attr:`val_gold` ((B_val,) each) and :attr:`bayes_accuracy` of the val pairs (see :data:`Ended`)."""
+        ended_c, ended_r = ended if ended is not None else (None, None)
+        self.val_gold = (torch.as_tensor(self.judge.score(prompts, chosen, ended_c)),
+                         torch.as_tensor(self.judge.score(prompts, rejected, ended_r)))  # fmt: skip
+        annotators = Annotators(self.world.annotators, self.judge)
+        self.bayes_accuracy = annotators.bayes_accuracy(prompts, chosen, rejected, ended)
+
+    @torch.no_grad()
+    def sample_policy_pairs(self, policy: PolicyBackbone, seed: int) -> None:
+        """``pair_source="sft_policy"``: replaces the pairs of both splits with pairs the policy samples.
+
+        For each record of a split, two responses to its prompt are sampled (``pair_sampling``; noise from a private
+        generator seeded from ``seed`` and the split) and labelled by the world's annotators (labels from a numpy
+        generator seeded likewise), so the same policy and seed give the same pairs; each split keeps its number of
+        pairs. The sampled tokens become the examples as they are (EOS where the response ended), with no text round
+        trip. Calling it again with the same seed changes nothing.
+
+        Args:
+            policy: the SFT backbone (sampled in eval mode on its device; its mode is restored).
+            seed: seed of the sampling noise and of the labels.
+        """
+        if self._policy_pairs_seed == seed:
             return
-        prompts = [r["prompt"] for r in records]
-        chosen, rejected = [r["chosen"] for r in records], [r["rejected"] for r in records]
-        self.val_gold = (torch.as_tensor(self.judge.score(prompts, chosen)),
-                         torch.as_tensor(self.judge.score(prompts, rejected)))  # fmt: skip
-        self.bayes_accuracy = Annotators(self.world.annotators, self.judge).bayes_accuracy(prompts, chosen, rejected)
+        if self.judge is None:
+            raise ValueError(
+                "pair_source 'sft_policy' needs the world's annotators to label the sampled pairs: point data_dir at "
+                "a folder the world wrote (with world.json)"
+            )
+        if not self._split_prompts:
+            raise RuntimeError("sample_policy_pairs needs the data module set up first (setup('fit'))")
+        annotators = Annotators(self.world.annotators, self.judge)
+        device = next(iter(policy.parameters())).device
+        was_training = policy.training
+        policy.eval()
+        for k, split in enumerate(("train", "val")):
+            prompts = self._split_prompts[split]
+            gen = torch.Generator(device=device).manual_seed(2 * seed + k)
+            prompt_ids, responses, ended = self._sample_responses(policy, [p for p in prompts for _ in (0, 1)], gen)
+            texts = self.tokenizer.decode_batch(responses)
+            # Pair i is (response 2i, response 2i + 1); its label orders them as (chosen, rejected).
+            a_preferred, _ = annotators.label(
+                prompts, texts[0::2], texts[1::2], np.random.default_rng([seed, k]), (ended[0::2], ended[1::2])
+            )
+            order = [(2 * i, 2 * i + 1) if pick else (2 * i + 1, 2 * i) for i, pick in enumerate(a_preferred.tolist())]
+            examples = [PreferenceExample(prompt_ids[c], responses[c], responses[r]) for c, r in order]
+            setattr(self, f"{split}_examples", examples)
+            self.data_stats[f"data/unended_responses/prefs_sft_policy_{split}"] = float(ended.count(False))
+            if split == "val":
+                chosen, rejected = [c for c, _ in order], [r for _, r in order]
+                self._set_val_references(prompts, [texts[i] for i in chosen], [texts[i] for i in rejected],
+                                         ([ended[i] for i in chosen], [ended[i] for i in rejected]))  # fmt: skip
+        policy.train(was_training)
+        self._policy_pairs_seed = seed
+
+    def _sample_responses(
+        self, policy: PolicyBackbone, prompts: list[str], gen: torch.Generator, chunk: int = 256
+    ) -> tuple[list[list[int]], list[list[int]], list[bool]]:
+        """(prompt token ids, response token ids with EOS where it ended, ended) of one sample per prompt."""
+        examples = tokenize_prompts([{"prompt": p} for p in prompts], self.tokenizer, self.hparams.max_prompt_len)[0]
+        responses, ended = [], []
+        for lo in range(0, len(examples), chunk):
+            batch = collate_prompts(examples[lo : lo + chunk], self.tokenizer.pad_id)
+            ids, mask = batch["prompt_ids"].to(gen.device), batch["prompt_mask"].to(gen.device)
+            out = generate(policy, ids, mask, self.pair_sampling, self.tokenizer.eos_id, self.tokenizer.pad_id, gen)
+            rows, masks = out.response_ids.cpu(), out.response_mask.cpu()  # (b, R) each
+            responses += [row[m].tolist() for row, m in zip(rows, masks, strict=True)]
+            ended += out.ended.cpu().tolist()
+        return [e.prompt_ids for e in examples], responses, ended
+
+    def _check_pairs_ready(self) -> None:
+        if self.pair_source == "sft_policy" and self._policy_pairs_seed is None:
+            raise RuntimeError(
+                "pair_source 'sft_policy': the pairs come from sample_policy_pairs (the RewardModule calls it with its "
+                "SFT backbone in configure_model), which has not run"
+            )
 
     def train_dataloader(self) -> DataLoader:
+        self._check_pairs_ready()
         return self._loader(list(enumerate(self.train_examples)), collate_indexed_pairs, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
+        self._check_pairs_ready()
         return self._loader(list(enumerate(self.val_examples)), collate_indexed_pairs, shuffle=False)
 
 

@@ -67,7 +67,8 @@ class RewardModule(PhaseModule):
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with linear warmup then cosine decay.
         norm_samples: SFT-policy samples (of training prompts) the normalisation statistics are computed on.
         norm_sampling: how those samples are drawn.
-        seed: seed of the heads' initialisation, the bootstrap weights and the normalisation samples.
+        seed: seed of the heads' initialisation, the bootstrap weights, the normalisation samples and, with the data
+            module's ``pair_source: sft_policy``, of the pairs sampled from the SFT policy and their labels.
     """
 
     PHASE = "reward"
@@ -113,8 +114,11 @@ class RewardModule(PhaseModule):
                 "text exactly as the policy does (point data.tokenizer_path at the SFT checkpoint's folder)"
             )
         self.tokenizer = tokenizer
+        dm = self.trainer.datamodule
+        if getattr(dm, "pair_source", "grammar") == "sft_policy":
+            dm.sample_policy_pairs(backbone, h.seed)  # before the bootstrap weights are sized by the pairs
         self.reward_model = RewardModel(backbone, h.ensemble_size, h.ensemble_mode, h.seed)
-        n_train = len(self.trainer.datamodule.train_examples)
+        n_train = len(dm.train_examples)
         g = torch.Generator().manual_seed(h.seed)
         use_bootstrap = h.bootstrap and h.ensemble_size > 1
         weights = torch.poisson(torch.ones(n_train, h.ensemble_size), generator=g) if use_bootstrap else None

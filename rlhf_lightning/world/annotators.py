@@ -25,9 +25,14 @@ from rlhf_lightning.world.judge import GoldJudge
 
 
 class Scorer(Protocol):
-    """Anything that scores responses to prompts like :meth:`GoldJudge.score` (all responses ended)."""
+    """Anything that scores responses to prompts like :meth:`GoldJudge.score`. Only pairs labelled with ``ended``
+    call it with a third argument (:meth:`GoldJudge.score`'s ``ended``); otherwise every response counts as ended."""
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray: ...
+    def score(self, prompts: Sequence[str], responses: Sequence[str], *ended: Sequence[bool]) -> np.ndarray: ...
+
+
+#: Whether each response of a pair ended with EOS: ((B,) for a, (B,) for b); None means all ended.
+Ended = tuple[Sequence[bool], Sequence[bool]] | None
 
 
 @dataclass
@@ -79,20 +84,23 @@ class Annotators:
         """(B,) float64 u(x) = gold + length_bias * n_words + keyword_bias * count(keyword)."""
         return np.asarray(self.judge.score(prompts, responses), dtype=np.float64) + self._taste(responses)
 
-    def preference_probability(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> np.ndarray:
-        """(B,) float64 p_A, the probability that a label prefers a[i] over b[i]."""
-        return self._against_gold(prompts, a, b)[0]
+    def preference_probability(
+        self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], ended: Ended = None
+    ) -> np.ndarray:
+        """(B,) float64 p_A, the probability that a label prefers a[i] over b[i]. ended: see :data:`Ended` (the
+        gold judge penalises a response that did not end; sampled responses can lack EOS, the grammar's never do)."""
+        return self._against_gold(prompts, a, b, ended)[0]
 
     def label(
-        self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], rng: np.random.Generator
+        self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], rng: np.random.Generator, ended: Ended = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """One label per pair: (a_preferred (B,) bool drawn with probability p_A from rng, p_A (B,) float64)."""
-        p_a = self.preference_probability(prompts, a, b)
+        p_a = self.preference_probability(prompts, a, b, ended)
         return rng.random(len(p_a)) < p_a, p_a
 
-    def bayes_accuracy(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> float:
+    def bayes_accuracy(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], ended: Ended = None) -> float:
         """mean(max(p_A, 1 - p_A)): the expected accuracy on these pairs' labels of the best possible predictor."""
-        p_a = self.preference_probability(prompts, a, b)
+        p_a = self.preference_probability(prompts, a, b, ended)
         return float(np.maximum(p_a, 1.0 - p_a).mean())
 
     def gold_agreement(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> float:
@@ -119,11 +127,13 @@ class Annotators:
         return np.array([c.length_bias * len(w) + c.keyword_bias * w.count(c.keyword) for w in words], dtype=np.float64)
 
     def _against_gold(
-        self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]
+        self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], ended: Ended = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(p_A, gold(a) - gold(b)), each (B,) float64, scoring each response once."""
         if not len(prompts) == len(a) == len(b):
             raise ValueError(f"prompts, a and b differ in length: {len(prompts)}, {len(a)}, {len(b)}")
-        gold_diff = np.asarray(self.judge.score(prompts, a), np.float64) - self.judge.score(prompts, b)
+        ended_a, ended_b = ((e,) for e in ended) if ended is not None else ((), ())
+        gold_a = np.asarray(self.judge.score(prompts, a, *ended_a), np.float64)
+        gold_diff = gold_a - self.judge.score(prompts, b, *ended_b)
         s = _sigmoid((gold_diff + self._taste(a) - self._taste(b)) / self.config.tau)
         return (1.0 - self.config.flip_rate) * s + self.config.flip_rate * (1.0 - s), gold_diff

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,59 @@ def test_malformed_prefs_file_names_file_line_and_field(runs, tmp_path, monkeypa
                f"--data.init_args.tokenizer_path={runs / 'runs/sft/checkpoints/tokenizer.json'}", *RM_TINY)  # fmt: skip
     assert str(data / "prefs_train.jsonl") in str(info.value)
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_pairs_sampled_from_the_sft_policy_through_the_cli(runs, monkeypatch):
+    monkeypatch.chdir(runs)
+    tiny_world = ["--data.init_args.data_dir=runs/world_policy", "--data.init_args.world.n_sft=20",
+                  "--data.init_args.world.n_pairs=60", "--data.init_args.pair_source=sft_policy",
+                  "--data.init_args.pair_sampling.max_new_tokens=16"]  # fmt: skip
+    rm_fit(f"--model.init_args.sft_checkpoint={SFT_CKPT}", *RM_TINY, *tiny_world,
+           "--trainer.default_root_dir=runs/rm_policy", "--trainer.logger.init_args.name=rm_policy",
+           "--trainer.callbacks.init_args.dirpath=runs/rm_policy/checkpoints")  # fmt: skip
+    logged = scalars(runs / "runs/rm_policy")
+    # The val pairs are the policy's, so the ceiling is theirs, not the one the world recorded for its own pairs.
+    world = json.loads((runs / "runs/world_policy/world.json").read_text())
+    assert logged["rm/bayes_accuracy"][0] != pytest.approx(world["annotators"]["val"]["bayes_accuracy"])
+    assert "data/unended_responses/prefs_sft_policy_train" in logged
+    assert all(0.0 <= x <= 1.0 for x in logged["rm/accuracy"])
+    assert (runs / "runs/rm_policy/checkpoints/last.ckpt").is_file()
+
+
+class FixedScores(torch.nn.Module):
+    """A stand-in reward model whose member scores (2B, K) are given, in the order pair_scores concatenates rows."""
+
+    def __init__(self, scores: torch.Tensor):
+        super().__init__()
+        self.scores = torch.nn.Parameter(scores)
+
+    def raw_members(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        assert input_ids.shape[0] == self.scores.shape[0]
+        return self.scores
+
+
+def test_training_loss_equals_a_hand_computation_with_margin_and_bootstrap_weights():
+    # 3 pairs, 2 members; chosen scores then rejected scores.
+    r_c = [[2.0, 0.0], [0.5, 1.0], [-1.0, 3.0]]
+    r_r = [[1.0, 0.5], [0.5, -1.0], [0.0, 1.0]]
+    weights = [[1.0, 0.0], [2.0, 1.0], [0.0, 3.0]]  # Poisson counts of pairs 0, 1, 2 (indices 2, 0, 1 in the split)
+    margin = 0.25
+    module = RewardModule(margin=margin, ensemble_size=2)
+    module.reward_model = FixedScores(torch.tensor(r_c + r_r))
+    module.register_buffer("bootstrap_weights", torch.tensor([weights[1], weights[2], weights[0]]))
+    ids = torch.zeros(3, 4, dtype=torch.long)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    batch = {"chosen_ids": ids, "chosen_mask": mask, "rejected_ids": ids, "rejected_mask": mask,
+             "index": torch.tensor([2, 0, 1])}  # fmt: skip
+    loss = module.training_step(batch, 0)
+
+    def bt(c: float, r: float) -> float:
+        return math.log1p(math.exp(-(c - r - margin)))  # -log sigmoid(r_c - r_r - margin)
+
+    member_losses = []
+    for k in range(2):
+        total = sum(weights[i][k] * bt(r_c[i][k], r_r[i][k]) for i in range(3))
+        member_losses.append(total / sum(weights[i][k] for i in range(3)))
+    assert float(loss) == pytest.approx(sum(member_losses) / 2, rel=1e-6)
+    loss.backward()  # and the loss is differentiable in the scores
+    assert module.reward_model.scores.grad.abs().sum() > 0
