@@ -149,6 +149,32 @@ def test_resume_repeats_the_uninterrupted_run_exactly(base, tmp_path):
         assert torch.equal(value, final["state_dict"][key]), key
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"kl_estimator": "full"},
+        {"kl_estimator": "k3", "kl_in_loss": True, "critic": "shared"},
+        {"kl_controller": "annealed", "kl_floor": 0.01, "kl_anneal_iterations": 2, "entropy_coef": 0.01,
+         "target_approx_kl": 1e-9},
+    ],
+    ids=["full-kl", "kl-in-loss-shared-critic", "annealed-entropy-early-stop"],
+)  # fmt: skip
+def test_options_run_and_log_finite_metrics(base, tmp_path, options):
+    module = make_module(base, iterations=2, ppo_epochs=2, **options)
+    fit(base, tmp_path, module)
+    logged = scalars(tmp_path / "ppo")
+    assert sorted(logged["objective/kl"]) == [0, 1]
+    assert all(math.isfinite(v) for series in logged.values() for v in series.values())
+    if options.get("kl_in_loss"):
+        assert module.critic_backbone is None  # shared critic: the value head sits on the policy's trunk
+        assert logged["objective/non_score_reward"] == {0: 0.0, 1: 0.0}  # the KL is in the loss, not the reward
+    if options.get("kl_estimator") == "full":
+        assert logged["objective/kl"][1] >= 0  # the exact KL is never negative
+    if options.get("target_approx_kl"):
+        assert logged["policy/epochs"] == {0: 1.0, 1: 1.0}  # stopped after the first epoch each time
+        assert logged["objective/kl_coef"][1] < logged["objective/kl_coef"][0]
+
+
 def test_checkpoint_leaves_out_the_frozen_models_and_reloads(base, tmp_path):
     fit(base, tmp_path, make_module(base, iterations=1))
     ckpt = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)
