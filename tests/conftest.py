@@ -28,8 +28,9 @@ SEED = 1234
 
 #: Tolerance of comparisons that are exact on CPU: one reduction done two ways (chunked or whole rows; a softmax over
 #: a single finite entry, whose log-probability and entropy are exactly 0). CUDA's reductions may order and round
-#: such sums differently, so there they agree to fp32 rounding, not bit for bit.
-EXACT_ON_CPU = {"rtol": 0.0, "atol": 0.0} if TEST_DEVICE == "cpu" else {"rtol": 1e-6, "atol": 1e-6}
+#: such sums differently, so there they agree to a few fp32 roundings of the summed terms, not bit for bit (seen on
+#: an H200: up to 1.8e-6 absolute on log-probs of magnitude ~1).
+EXACT_ON_CPU = {"rtol": 0.0, "atol": 0.0} if TEST_DEVICE == "cpu" else {"rtol": 1e-5, "atol": 1e-5}
 
 #: The backends every op is tested on; the Triton one only where triton imports.
 BACKEND_PARAMS = (
@@ -53,7 +54,9 @@ VALUE_TOL = {
 #: carries the rounding of its own dtype (2^-11 for fp16, 2^-8 for bf16, relative).
 GRAD_TOL = {
     torch.float64: {"rtol": 1e-9, "atol": 1e-12},
-    torch.float32: {"rtol": 1e-4, "atol": 1e-6},
+    # On CUDA torch's own exp/log and reduction order differ from the CPU's; in the KL gradient
+    # p * (log p - log q - KL) the bracket cancels, and one element of a strided-view case was seen 2.6e-6 off.
+    torch.float32: {"rtol": 1e-4, "atol": 1e-6 if TEST_DEVICE == "cpu" else 1e-5},
     torch.float16: {"rtol": 2e-3, "atol": 1e-6},
     torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-5},
 }

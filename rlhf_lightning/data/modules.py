@@ -164,7 +164,8 @@ class RLHFDataModule(L.LightningDataModule):
         prompts = [r["prompt"] for r in self._read(path.name, "prompt")] if path.is_file() else self.train_prompts
         if not prompts:
             raise ValueError(f"no training prompts: neither {path} nor training records with prompts")
-        idx = torch.randint(len(prompts), (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+        # device="cpu" explicitly: configure_model hooks run under Lightning's default-device context (CUDA on a GPU).
+        idx = torch.randint(len(prompts), (n,), generator=torch.Generator().manual_seed(seed), device="cpu").tolist()
         records = [{"prompt": prompts[i]} for i in idx]
         return collate_prompts(tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len)[0],
                                self.tokenizer.pad_id)  # fmt: skip
@@ -437,7 +438,8 @@ class PromptDataModule(RLHFDataModule):
         for k in range(first, first + n):
             epoch = k // m
             if epoch not in perms:
-                perms[epoch] = torch.randperm(m, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+                g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                perms[epoch] = torch.randperm(m, generator=g, device="cpu")
             picks.append(int(perms[epoch][k % m]))
         batch = collate_prompts([self._train[i] for i in picks], self.tokenizer.pad_id)
         return [self.train_prompts[i] for i in picks], batch

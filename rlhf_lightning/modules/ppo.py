@@ -532,7 +532,7 @@ class PPOModule(PhaseModule):
         steps = epochs = 0
         for _ in range(h.ppo_epochs):
             epoch_kl = []
-            for idx in torch.randperm(rollout.size, generator=gen).split(h.minibatch_size):
+            for idx in torch.randperm(rollout.size, generator=gen, device="cpu").split(h.minibatch_size):
                 loss, stats = self._minibatch_loss(rollout.select(idx.to(self.device)))
                 if not bool(torch.isfinite(loss)):
                     self._fail("loss", iteration, f" (epoch {epochs}, minibatch step {steps})")

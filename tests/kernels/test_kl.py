@@ -19,10 +19,15 @@ def policy_and_ref(n: int, v: int, dtype: torch.dtype = torch.float32) -> tuple[
 
 
 def check_against_reference(
-    logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float, backend: str, same_dtype_ref: bool = True
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    temperature: float,
+    backend: str,
+    same_dtype_ref: bool = True,
+    grad_atol: float | None = None,
 ) -> torch.Tensor:
-    """Checks values and the gradient (random upstream weights) against the reference in the input dtype and in fp64.
-    Returns the KL."""
+    """Checks values and the gradient (random upstream weights) against the reference in the input dtype and in fp64
+    (``grad_atol`` overrides the gradient's absolute tolerance). Returns the KL."""
     x = leaf(logits)
     kl = kl_from_logits(x, ref_logits, temperature, backend=backend)
     weight = torch.randn(kl.shape, dtype=kl.dtype)
@@ -32,7 +37,9 @@ def check_against_reference(
     x64 = fp64_leaf(logits)
     kl64 = kl_from_logits_reference(x64, ref_logits.double(), temperature)
     (grad64,) = torch.autograd.grad((kl64 * weight.double()).sum(), x64)
-    vtol, gtol = VALUE_TOL[logits.dtype], GRAD_TOL[logits.dtype]
+    vtol, gtol = VALUE_TOL[logits.dtype], dict(GRAD_TOL[logits.dtype])
+    if grad_atol is not None:
+        gtol["atol"] = grad_atol
     torch.testing.assert_close(kl.double(), kl64, **vtol)
     torch.testing.assert_close(grad.double(), grad64, **gtol)
     if same_dtype_ref:
@@ -114,7 +121,11 @@ def test_huge_logits(backend: str) -> None:
     ref_logits = torch.randn(8, 1000) * 1e4
     logits = ref_logits + torch.randn(8, 1000) * 10
     logits[1] = torch.randn(1000) * 1e4  # unrelated peaks: a KL of order 1e4
-    kl = check_against_reference(logits, ref_logits, 1.0, backend)
+    # The gradient p * (log p - log q - KL) cancels terms of size |logit| ~ 4e4, which fp32 holds to ~ulp(4e4) = 4e-3:
+    # two kernels that round the same bracket differently (a GPU's statistics and gradient kernels) may differ by a
+    # few ulps there. The tolerance is 4 ulps of the largest logit; on CPU the backends agree exactly.
+    grad_atol = 4 * torch.finfo(torch.float32).eps * float(logits.abs().max())
+    kl = check_against_reference(logits, ref_logits, 1.0, backend, grad_atol=grad_atol)
     assert_finite(kl, "kl")
     assert kl[1] > 100
 
