@@ -111,6 +111,9 @@ def adamw_with_warmup_cosine(
 ) -> dict:  # fmt: skip
     """AdamW (weight decay on matrices only) with linear warmup then cosine decay to ``min_lr_ratio * lr``.
 
+    The fused AdamW kernel updates all parameters in one pass (on CPU too): the per-parameter loop of the default
+    implementation costs a tenth of a small model's training step.
+
     Returns:
         Lightning's optimizer config dict with a per-step scheduler.
     """
@@ -118,7 +121,10 @@ def adamw_with_warmup_cosine(
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=betas,
+        fused=True,
     )
     total = max(int(total_steps), 1)
 
