@@ -121,7 +121,9 @@ class RewardModule(PhaseModule):
         n_train = len(dm.train_examples)
         g = torch.Generator().manual_seed(h.seed)
         use_bootstrap = h.bootstrap and h.ensemble_size > 1
-        weights = torch.poisson(torch.ones(n_train, h.ensemble_size), generator=g) if use_bootstrap else None
+        # On the CPU explicitly: configure_model runs under Lightning's default-device context (CUDA on a GPU).
+        ones = torch.ones(n_train, h.ensemble_size, device="cpu")
+        weights = torch.poisson(ones, generator=g) if use_bootstrap else None
         self.register_buffer("bootstrap_weights", weights if weights is not None else torch.ones(n_train, 1))
         self._norm_batch = self._sample_sft_responses(backbone)
 
@@ -142,14 +144,16 @@ class RewardModule(PhaseModule):
         """Prompt + response token batches (right-padded) the SFT policy samples for training prompts, drawn once
         with a private generator: the data the normalisation statistics are measured on."""
         h, dm = self.hparams, self.trainer.datamodule
-        prompts = dm.train_prompt_batch(h.norm_samples, h.seed)
-        gen = torch.Generator().manual_seed(h.seed)
+        device = next(iter(policy.parameters())).device  # where configure_model built it (CUDA on a GPU)
+        prompts = {k: v.to(device) for k, v in dm.train_prompt_batch(h.norm_samples, h.seed).items()}
+        gen = torch.Generator(device=device).manual_seed(h.seed)
         was_training = policy.training
         policy.eval()
         out = generate(policy, prompts["prompt_ids"], prompts["prompt_mask"], self.norm_sampling,
                        self.tokenizer.eos_id, self.tokenizer.pad_id, gen)  # fmt: skip
         policy.train(was_training)
-        return join_left_right(prompts["prompt_ids"], prompts["prompt_mask"], out.response_ids, out.response_mask)
+        ids, mask = join_left_right(prompts["prompt_ids"], prompts["prompt_mask"], out.response_ids, out.response_mask)
+        return ids.cpu(), mask.cpu()
 
     # -- training ----------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
