@@ -263,3 +263,51 @@ def test_cli_end_to_end(base, tmp_path, monkeypatch):
         assert tag in logged, tag
         assert all(math.isfinite(v) for v in logged[tag].values()), tag
     assert sorted(logged["objective/kl"]) == [0, 1]
+
+
+def test_sigkill_mid_run_resumes_to_the_same_end(base, tmp_path):
+    """A PPO run killed with SIGKILL after a checkpoint resumes from it and ends with the same metrics as an
+    uninterrupted run; no partially written checkpoint is left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["fit", "-c", str(CONFIGS / "ppo.yaml"), f"--model.init_args.sft_checkpoint={base / SFT_CKPT}",
+            f"--model.init_args.reward_checkpoint={base / RM_CKPT}", f"--data.init_args.data_dir={base / 'runs/world'}",
+            "--data.init_args.generate_world=false", "--model.init_args.iterations=6",
+            "--model.init_args.rollout_batch=8",
+            "--model.init_args.minibatch_size=4", "--model.init_args.ppo_epochs=1", "--model.init_args.eval_every=3",
+            "--model.init_args.sampling.max_new_tokens=8", "--data.init_args.eval_prompts=8",
+            "--trainer.callbacks.init_args.every_n_train_steps=2", *QUIET]  # fmt: skip
+
+    def run(where: Path, *extra: str, kill_at: int | None = None) -> None:
+        where.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "rlhf_lightning.cli", *args, *extra]
+        proc = subprocess.Popen(cmd, cwd=where, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if kill_at is None:
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-3000:]
+            return
+        last = where / "runs/ppo/checkpoints/last.ckpt"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if last.is_file() and torch.load(last, weights_only=False)[PPO_STATE_KEY]["iteration"] >= kill_at:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+    run(tmp_path / "whole")
+    run(tmp_path / "cut", kill_at=2)
+    ckpt_dir = tmp_path / "cut/runs/ppo/checkpoints"
+    assert not [p for p in ckpt_dir.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]  # atomic writes
+    killed_at = torch.load(ckpt_dir / "last.ckpt", weights_only=False)[PPO_STATE_KEY]["iteration"]
+    assert 2 <= killed_at < 6
+    run(tmp_path / "cut", f"--ckpt_path={ckpt_dir / 'last.ckpt'}")
+    whole, cut = scalars(tmp_path / "whole/runs/ppo"), scalars(tmp_path / "cut/runs/ppo")
+    for tag in ("objective/proxy_reward", "objective/kl", "policy/approx_kl", "eval/gold_reward"):
+        after = {step: v for step, v in whole[tag].items() if step >= killed_at}
+        assert after and after == {step: cut[tag][step] for step in after}, tag
