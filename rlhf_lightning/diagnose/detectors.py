@@ -199,14 +199,16 @@ GOLD_DIVERGENCE = _Spec(
 
 @_detector(GOLD_DIVERGENCE)
 def gold_divergence(
-    h: History, window: int = 10, t_min: float = 2.0, smooth: int = 5, drop_frac: float = 0.25
+    h: History, window: int = 20, t_min: float = 3.0, smooth: int = 5, drop_frac: float = 0.25
 ) -> Finding:
     """Proxy up, gold down: the over-optimisation signature.
 
     Fires where, over the trailing ``window`` points, the proxy's slope has t > ``t_min`` and the gold's t <
     ``-t_min``; or where the gold (trailing mean of ``smooth`` points) has lost at least ``drop_frac`` of its gain
     from the start to its peak while the proxy is higher than at the gold's peak (and both trends still point that
-    way). Uses the rollout's gold and proxy (per iteration), else the evaluation's.
+    way). Uses the rollout's gold and proxy (per iteration), else the evaluation's. The slope test is strict (20
+    points, |t| > 3) because a rollout's mean gold over 64 responses is noisy: with 10 points and |t| > 2 it fired on
+    a healthy default run whose gold then kept rising.
     """
     for proxy_tag, gold_tag in (
         ("objective/proxy_reward", "objective/gold_reward"),
@@ -386,10 +388,12 @@ PER_INPUT_DIVERSITY = _Spec(
 
 
 @_detector(PER_INPUT_DIVERSITY)
-def per_input_diversity(h: History, frac: float = 0.5, smooth: int = 1) -> Finding:
+def per_input_diversity(h: History, frac: float = 0.4, smooth: int = 1) -> Finding:
     """Per-input diversity below ``frac`` of the SFT policy's: ``diversity/per_input_distinct_2`` against
     ``eval/sft_per_input_distinct_2``, or 1 - ``diversity/per_input_self_bleu`` against the SFT's (each against its
-    first evaluation when the SFT value is not logged). Evaluations are sparse, hence ``smooth=1``."""
+    first evaluation when the SFT value is not logged). Evaluations are sparse, hence ``smooth=1``. A healthy default
+    run on the world ends near 0.5 of the SFT's per-input diversity (PPO makes the policy surer), so the default
+    threshold sits below that, at 0.4."""
     return _drop(
         PER_INPUT_DIVERSITY,
         h,
@@ -500,10 +504,18 @@ KL_BLOWUP = _Spec(
 
 @_detector(KL_BLOWUP)
 def kl_blowup(
-    h: History, bound: float = 30.0, growth: float = 3.0, window: int = 10, floor: float = 5.0, smooth: int = 3
+    h: History,
+    bound: float = 30.0,
+    growth: float = 3.0,
+    window: int = 10,
+    floor: float = 10.0,
+    smooth: int = 3,
+    min_base: float = 2.0,
 ) -> Finding:
     """``objective/kl`` (trailing mean of ``smooth`` points) above ``bound`` nats, or above ``floor`` and ``growth``
-    times what it was ``window`` points earlier (exploding growth)."""
+    times what it was ``window`` points earlier (exploding growth) when that earlier level was at least ``min_base``
+    nats: every run starts at KL 0 and a healthy one climbs a few nats fast, which is not a blow-up (the default
+    run on the world went from 0.5 to 5 nats in its first 12 iterations and then settled near 13)."""
     s = h.get("objective/kl")
     if s is None:
         return not_evaluated(KL_BLOWUP, _needs("objective/kl"))
@@ -512,7 +524,7 @@ def kl_blowup(
     if 0 < window < len(ks):
         lag[window:] = ks[:-window]
     with np.errstate(invalid="ignore"):
-        signal = (ks > bound) | ((ks > floor) & (ks >= growth * lag))
+        signal = (ks > bound) | ((ks > floor) & (lag >= min_base) & (ks >= growth * lag))
 
     def describe(i: int) -> str:
         before = f", {_f(lag[i])} {window} points earlier" if np.isfinite(lag[i]) else ""
