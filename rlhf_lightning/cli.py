@@ -4,6 +4,7 @@
     rlhf world --out runs/world         # write the embedded review world's JSONL files
     rlhf pipeline --out runs/pipeline   # world -> SFT -> reward model -> PPO -> diagnosis (the main job)
     rlhf diagnose runs/ppo [--out DIR]  # findings (evidence, causes, fixes) and plots of one or more runs
+    rlhf export CKPT --out DIR          # a checkpoint as a Hugging Face model directory (safetensors + tokenizer)
 
 ``fit`` (and validate/test) take the module and data module classes from the config's ``class_path``, so one
 command serves every phase. Checkpoints are written atomically (temporary file, fsync, rename).
@@ -60,6 +61,11 @@ def main(argv: list[str] | None = None) -> None:
         from rlhf_lightning.pipeline import pipeline_main
 
         pipeline_main(words[1:])
+        return
+    if words and words[0] == "export":
+        from rlhf_lightning.export import export_main
+
+        export_main(words[1:])
         return
     RLHFCLI(
         subclass_mode_model=True,
