@@ -218,8 +218,11 @@ class PPOModule(PhaseModule):
                 raise ValueError(f"{name} must be > 0, got {getattr(h, name)}")
         if h.rollout_batch % h.minibatch_size:
             raise ValueError(f"minibatch_size ({h.minibatch_size}) must divide rollout_batch ({h.rollout_batch})")
-        if h.kl_in_loss and h.kl_estimator == "full":
-            raise ValueError("kl_estimator 'full' works in the reward only; with kl_in_loss use k1, k2 or k3")
+        if h.kl_in_loss and h.kl_estimator in ("full", "k1"):
+            # In the loss only the estimator's gradient acts: k1's is zero in expectation (no pull towards the
+            # reference at all), k2's is that of KL(pi || ref), k3's that of KL(ref || pi) (GRPO's choice).
+            raise ValueError(f"kl_estimator {h.kl_estimator!r} cannot be used with kl_in_loss: use k2 or k3 (k1's "
+                             "gradient is zero in expectation; 'full' works in the reward only)")  # fmt: skip
         if h.kl_estimator not in ("k1", "k2", "k3", "full"):
             raise ValueError(f"kl_estimator must be k1, k2, k3 or full, got {h.kl_estimator!r}")
         if h.critic not in ("separate", "shared"):

@@ -213,6 +213,8 @@ def test_startup_errors(base, tmp_path):
         make_module(base, reward_checkpoint=str(tmp_path / "nope.ckpt"))
     with pytest.raises(ValueError, match="full"):
         make_module(base, kl_estimator="full", kl_in_loss=True)
+    with pytest.raises(ValueError, match="k1's gradient is zero"):
+        make_module(base, kl_estimator="k1", kl_in_loss=True)
     with pytest.raises(ValueError, match="cannot be imported"):
         import_score_fn("no_such_module_xyz:fn")
     # A reward model whose tokenizer differs from the SFT policy's: caught when the models are built.
