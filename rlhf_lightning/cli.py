@@ -13,6 +13,7 @@ command serves every phase. Checkpoints are written atomically (temporary file, 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -46,26 +47,21 @@ def world_main(argv: list[str]) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
+#: The commands besides LightningCLI's fit/validate/test/predict: name -> "module:function(argv)".
+SUBCOMMANDS = {
+    "world": "rlhf_lightning.cli:world_main",
+    "diagnose": "rlhf_lightning.diagnose.report:main",
+    "pipeline": "rlhf_lightning.pipeline:pipeline_main",
+    "export": "rlhf_lightning.export:export_main",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``rlhf``; ``argv`` (without the program name) defaults to the command line."""
     words = sys.argv[1:] if argv is None else list(argv)
-    if words and words[0] == "world":
-        world_main(words[1:])
-        return
-    if words and words[0] == "diagnose":
-        from rlhf_lightning.diagnose.report import main as diagnose_main
-
-        diagnose_main(words[1:])
-        return
-    if words and words[0] == "pipeline":
-        from rlhf_lightning.pipeline import pipeline_main
-
-        pipeline_main(words[1:])
-        return
-    if words and words[0] == "export":
-        from rlhf_lightning.export import export_main
-
-        export_main(words[1:])
+    if words and words[0] in SUBCOMMANDS:
+        module, _, name = SUBCOMMANDS[words[0]].partition(":")
+        getattr(importlib.import_module(module), name)(words[1:])  # imported on use: each pulls in its own stack
         return
     RLHFCLI(
         subclass_mode_model=True,
