@@ -199,7 +199,7 @@ GOLD_DIVERGENCE = _Spec(
 
 @_detector(GOLD_DIVERGENCE)
 def gold_divergence(
-    h: History, window: int = 20, t_min: float = 3.0, smooth: int = 5, drop_frac: float = 0.25
+    h: History, window: int = 20, t_min: float = 3.0, smooth: int = 10, drop_frac: float = 0.5
 ) -> Finding:
     """Proxy up, gold down: the over-optimisation signature.
 
@@ -207,8 +207,9 @@ def gold_divergence(
     ``-t_min``; or where the gold (trailing mean of ``smooth`` points) has lost at least ``drop_frac`` of its gain
     from the start to its peak while the proxy is higher than at the gold's peak (and both trends still point that
     way). Uses the rollout's gold and proxy (per iteration), else the evaluation's. The slope test is strict (20
-    points, |t| > 3) because a rollout's mean gold over 64 responses is noisy: with 10 points and |t| > 2 it fired on
-    a healthy default run whose gold then kept rising.
+    points, |t| > 3) and the peak test needs half the gain lost on a 10-point mean, because a rollout's mean gold over
+    64 responses is noisy: with 10 points and |t| > 2, or a quarter of the gain on 5 points, it fired on healthy
+    default runs whose gold then kept rising (a dip of 0.29 below a peak of 2.19, then 2.3 at the end).
     """
     for proxy_tag, gold_tag in (
         ("objective/proxy_reward", "objective/gold_reward"),
@@ -251,7 +252,12 @@ KL_OUTPACES_REWARD = _Spec(
 
 @_detector(KL_OUTPACES_REWARD)
 def kl_outpaces_reward(
-    h: History, window: int = 10, t_min: float = 2.0, min_growth: float = 0.05, gain_frac: float = 0.25
+    h: History,
+    window: int = 20,
+    t_min: float = 2.0,
+    min_growth: float = 0.05,
+    gain_frac: float = 0.25,
+    patience: int = 3,
 ) -> Finding:
     """Reward gained per unit of sqrt(KL), now against when the KL started to grow.
 
@@ -259,7 +265,10 @@ def kl_outpaces_reward(
     over-optimisation), so d reward / d sqrt(KL) stays roughly constant on a healthy run. Fires where sqrt(KL) rises
     (trailing-``window`` slope t > ``t_min``, and by at least ``min_growth`` of its level over the window, so that
     noise on a settled KL is no growth) and that gain (ratio of the two trailing slopes) is below ``gain_frac``
-    times the gain at the first window where sqrt(KL) rose (below 0 if that gain was not positive).
+    times the gain at the first window where sqrt(KL) rose (below 0 if that gain was not positive). A 10-point window
+    let the noise of one rollout's reward make the gain negative for a few iterations of a healthy run, and even
+    with 20 one healthy run crossed the line at a single iteration: the condition must hold ``patience`` iterations
+    in a row.
     """
     pair = _aligned(h, "objective/proxy_reward", "objective/kl")
     if pair is None:
@@ -274,7 +283,7 @@ def kl_outpaces_reward(
         gain = np.where(rising, sr / sk, np.nan)
     first = np.flatnonzero(rising)
     base = float(gain[first[0]]) if first.size else np.nan
-    signal = rising & (gain < gain_frac * max(base, 0.0))
+    signal = sustained(rising & (gain < gain_frac * max(base, 0.0)), patience)
 
     def describe(i: int) -> str:
         return (
