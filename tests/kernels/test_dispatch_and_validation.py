@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import make_logits
+from kernel_helpers import make_logits
 
 import rlhf_kernels
 import rlhf_kernels.torch_backend as torch_backend

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_finite, leaf
+from kernel_helpers import assert_finite, leaf
 
 from rlhf_kernels import bradley_terry_loss, kl_estimate
 from rlhf_kernels.reference import bradley_terry_loss_reference, kl_estimate_reference

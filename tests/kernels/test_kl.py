@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import EXACT_ON_CPU, GRAD_TOL, VALUE_TOL, assert_finite, fp64_leaf, leaf, make_logits
+from kernel_helpers import EXACT_ON_CPU, GRAD_TOL, VALUE_TOL, assert_finite, fp64_leaf, leaf, make_logits
 
 import rlhf_kernels.torch_backend as torch_backend
 from rlhf_kernels import kl_from_logits

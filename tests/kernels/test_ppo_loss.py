@@ -4,7 +4,16 @@ import math
 
 import pytest
 import torch
-from conftest import EXACT_ON_CPU, GRAD_TOL, VALUE_TOL, assert_finite, fp64_leaf, leaf, make_logits, sample_targets
+from kernel_helpers import (
+    EXACT_ON_CPU,
+    GRAD_TOL,
+    VALUE_TOL,
+    assert_finite,
+    fp64_leaf,
+    leaf,
+    make_logits,
+    sample_targets,
+)
 
 import rlhf_kernels.torch_backend as torch_backend
 from rlhf_kernels import PPOLossStats, ppo_loss_from_logits

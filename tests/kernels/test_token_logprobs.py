@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import (
+from kernel_helpers import (
     EXACT_ON_CPU,
     GRAD_TOL,
     VALUE_TOL,
