@@ -313,3 +313,31 @@ def test_sigkill_mid_run_resumes_to_the_same_end(base, tmp_path):
     for tag in ("objective/proxy_reward", "objective/kl", "policy/approx_kl", "eval/gold_reward"):
         after = {step: v for step, v in whole[tag].items() if step >= killed_at}
         assert after and after == {step: cut[tag][step] for step in after}, tag
+
+
+def test_ensemble_reward_pays_the_conservative_score(base, tmp_path, monkeypatch):
+    """A 2-member reward ensemble: PPO logs the members' disagreement on its samples and is paid mean - k * std."""
+    from rlhf_lightning.models.sampling import SamplingConfig, generate
+    from rlhf_lightning.modules.reward import join_left_right
+
+    monkeypatch.chdir(base)
+    main(["fit", "-c", str(CONFIGS / "rm.yaml"), *RM_TINY, "--model.init_args.ensemble_size=2",
+          "--trainer.callbacks.init_args.dirpath=runs/rm2/checkpoints", "--trainer.default_root_dir=runs/rm2",
+          "--trainer.logger.init_args.name=rm2"])  # fmt: skip
+    module = make_module(base, reward_checkpoint=str(base / "runs/rm2/checkpoints/last.ckpt"), ensemble_k=1.5,
+                         iterations=1)  # fmt: skip
+    fit(base, tmp_path, module)
+    assert scalars(tmp_path / "ppo")["objective/ensemble_std"][0] > 0
+    # What the module pays for a response is the ensemble's mean minus 1.5 times its std.
+    dm = PromptDataModule(data_dir=str(base / "runs/world"), generate_world=False)
+    dm.setup()
+    prompts, batch = dm.rollout_prompts(0, 4, seed=0)
+    out = generate(module.policy.eval(), batch["prompt_ids"], batch["prompt_mask"], SamplingConfig(8),
+                   module.tokenizer.eos_id, module.tokenizer.pad_id, torch.Generator().manual_seed(0))  # fmt: skip
+    with torch.no_grad():
+        paid = module._scores(prompts, [], batch["prompt_ids"], batch["prompt_mask"], out.response_ids,
+                              out.response_mask, out.ended)  # fmt: skip
+        scores = module.reward_model.score(*join_left_right(batch["prompt_ids"], batch["prompt_mask"],
+                                                            out.response_ids, out.response_mask))  # fmt: skip
+    assert module.reward_model.n_members == 2 and bool((scores.std > 0).all())
+    torch.testing.assert_close(paid, scores.mean - 1.5 * scores.std)
