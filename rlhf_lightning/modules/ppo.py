@@ -42,6 +42,7 @@ from rlhf_lightning.modules.base import PhaseModule
 from rlhf_lightning.modules.common import EvalSamples, sample_eval
 from rlhf_lightning.modules.reward import join_left_right, load_sft_backbone
 from rlhf_lightning.rl import (
+    KL_ESTIMATORS,
     KLEstimator,
     Rollout,
     RunningMoments,
@@ -223,8 +224,8 @@ class PPOModule(PhaseModule):
             # reference at all), k2's is that of KL(pi || ref), k3's that of KL(ref || pi) (GRPO's choice).
             raise ValueError(f"kl_estimator {h.kl_estimator!r} cannot be used with kl_in_loss: use k2 or k3 (k1's "
                              "gradient is zero in expectation; 'full' works in the reward only)")  # fmt: skip
-        if h.kl_estimator not in ("k1", "k2", "k3", "full"):
-            raise ValueError(f"kl_estimator must be k1, k2, k3 or full, got {h.kl_estimator!r}")
+        if h.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {h.kl_estimator!r}")
         if h.critic not in ("separate", "shared"):
             raise ValueError(f"critic must be 'separate' or 'shared', got {h.critic!r}")
         if h.score_norm not in ("none", "running"):
