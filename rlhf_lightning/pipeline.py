@@ -24,13 +24,14 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from rlhf_lightning.diagnose.events import read_scalars
 from rlhf_lightning.io import atomic_open
 
 PHASES = ("sft", "rm", "ppo")
@@ -107,7 +108,7 @@ def phase_configs(preset: dict[str, Any] | None, out: Path) -> dict[str, list[st
     return args
 
 
-def summarize(out: Path, read_scalars: Callable[[Path], dict[str, dict[int, float]]]) -> dict[str, Any]:
+def summarize(out: Path) -> dict[str, Any]:
     """The final figures of the run: the last evaluation of the PPO policy against the SFT policy."""
     logged = read_scalars(out / "runs" / "ppo")
 
@@ -128,12 +129,6 @@ def summarize(out: Path, read_scalars: Callable[[Path], dict[str, dict[int, floa
         "per_input_distinct_2_sft": last("eval/sft_per_input_distinct_2"),
         "iterations": (max(logged["objective/kl"]) + 1) if logged.get("objective/kl") else 0,
     }
-
-
-def _tensorboard_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    from rlhf_lightning.diagnose.events import read_scalars
-
-    return read_scalars(run_dir)
 
 
 def pipeline_main(argv: list[str]) -> dict[str, Any]:
@@ -214,7 +209,7 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
             timings[phase] = time.perf_counter() - start
         if not args.no_diagnose:
             rlhf_main(["diagnose", "runs/ppo", "--out", "diagnose"])
-    summary = {**summarize(out, _tensorboard_scalars), "seconds": timings, "run_dir": str(out)}
+    summary = {**summarize(out), "seconds": timings, "run_dir": str(out)}
     if not args.no_diagnose:
         summary["report"] = str(out / "diagnose" / "report.md")
     with atomic_open(out / "summary.json") as f:

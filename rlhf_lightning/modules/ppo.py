@@ -464,8 +464,8 @@ class PPOModule(PhaseModule):
             **diversity_metrics(token_lists, self.tokenizer.vocab_size),
         }
         judge = dm.judge
-        if judge is not None:
-            gold = judge.score(prompts, responses, out.ended.cpu().numpy())
+        if judge is not None:  # with the judge as the reward source its scores are already at hand
+            gold = raw_scores if h.reward_source == "gold" else judge.score(prompts, responses, out.ended.cpu().numpy())
             metrics["objective/gold_reward"] = float(gold.mean())
         if self.reward_model is not None and self.reward_model.n_members > 1:
             metrics["objective/ensemble_std"] = float(self._last_ensemble_std)
