@@ -1,6 +1,7 @@
-"""Failure presets at reduced size: the no-KL preset reproduces its symptom (the KL climbs with beta at 0) and the
-detectors name it; its fix (the adaptive controller) removes it. Tiny models, a dozen iterations: the full-size
-evidence of every preset is in benchmarks/RESULTS.md."""
+"""KL failure presets at reduced size: without a KL penalty (or with one ten times too small) the KL to the SFT policy
+climbs, and the detectors name a missing penalty; the fixes (the adaptive controller, beta annealed from high) hold it
+lower. Tiny models, a dozen iterations: the full-size evidence of every preset is in benchmarks/RESULTS.md, and the
+data presets' symptom (a flawed reward model) is checked at reduced size in tests/modules/test_reward_bias.py."""
 
 from __future__ import annotations
 
@@ -52,3 +53,13 @@ def test_no_kl_is_named_and_the_adaptive_fix_removes_it(base, tmp_path):
     assert min(fixed.get("objective/kl_coef").values) > 0
     # With the penalty back, the policy stays closer to the reference than without it.
     assert fixed.get("objective/kl").values[-3:].mean() < broken.get("objective/kl").values[-3:].mean()
+
+
+def test_low_beta_drifts_further_than_its_annealed_fix(base, tmp_path):
+    broken, _ = run_preset(base, tmp_path / "low_beta", FAILURES / "low_beta.yaml")
+    assert broken.get("objective/kl_coef").values == pytest.approx(0.005)
+    fixed, fixed_findings = run_preset(base, tmp_path / "fixed", FAILURES / "low_beta.yaml", FIXES / "annealed_kl.yaml")
+    beta = fixed.get("objective/kl_coef").values
+    assert beta[0] == pytest.approx(0.3) and all(beta[1:] <= beta[:-1]), beta  # starts high, only decreases
+    assert fixed.get("objective/kl").values[-3:].mean() < broken.get("objective/kl").values[-3:].mean()
+    assert not any(f.triggered for name, f in fixed_findings.items() if name.startswith("kl_trouble")), fixed_findings
