@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -30,6 +31,23 @@ def response_logprobs(
     hidden = model(input_ids, attention_mask)  # (B, T, D)
     logits = hidden[mask] @ model.lm_head_weight.T  # (N, V)
     return rlhf_kernels.token_logprobs(logits, targets[mask])
+
+
+def on_every_rank(module: L.LightningModule, flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (itself in a single process). A decision that leads to a collective
+    (the gradient all-reduce of a backward pass, a checkpoint's barrier) must be the same on all ranks, or the ranks
+    that took the other branch wait for the rest forever. A module outside a Trainer is one process."""
+    if module._trainer is None:
+        return flag
+    agreed = module.trainer.strategy.reduce(torch.tensor(float(flag), device=module.device), reduce_op="min")
+    return bool(agreed)
+
+
+def check_finite_loss(module: L.LightningModule, loss: torch.Tensor, name: str) -> None:
+    """Raises FloatingPointError on every rank when the loss is not finite on some rank."""
+    if not on_every_rank(module, bool(torch.isfinite(loss))):
+        step = module.global_step
+        raise FloatingPointError(f"{name} is not finite at step {step} (this rank's value: {loss.item()}): stopping")
 
 
 @dataclass
