@@ -24,6 +24,7 @@ from rlhf_lightning.modules.common import (
     response_logprobs,
     sample_eval,
     samples_table,
+    shard_backbone,
 )
 
 
@@ -38,6 +39,8 @@ class SFTModule(PhaseModule):
         eval_sampling: how validation samples responses.
         eval_seed: seed of the private RNG validation samples with (the same samples every epoch for a given model).
         eval_table_rows: samples shown in the TensorBoard text table.
+        shard: shard the backbone with FSDP2 (see :func:`~rlhf_lightning.modules.common.shard_backbone`; needs
+            ``trainer.strategy: ModelParallelStrategy``), for a model too large for one device.
     """
 
     PHASE = "sft"
@@ -54,6 +57,7 @@ class SFTModule(PhaseModule):
         eval_sampling: SamplingConfig | None = None,
         eval_seed: int = 1234,
         eval_table_rows: int = 8,
+        shard: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -68,6 +72,8 @@ class SFTModule(PhaseModule):
             return  # already built, or loading a checkpoint outside a Trainer (build_from_checkpoint does it)
         self.tokenizer = self.datamodule_tokenizer()
         self.model = build_backbone(self.backbone_config, self.tokenizer.vocab_size, self.hparams.hf_model_path)
+        if self.hparams.shard:
+            shard_backbone(self, self.model)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"backbone": backbone_spec(self.model)}
