@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 
 import rlhf_kernels
 from rlhf_lightning.data.tokenizer import Tokenizer
@@ -53,19 +55,20 @@ def check_finite_loss(module: L.LightningModule, loss: torch.Tensor, name: str) 
 def shard_backbone(module: L.LightningModule, model: nn.Module) -> None:
     """FSDP2 (``fully_shard``) over the data-parallel dimension of ModelParallelStrategy's device mesh: each block of
     the backbone's transformer stack (its largest ModuleList: TinyGPT's ``blocks``, a Hugging Face model's layers),
-    then the backbone itself (embeddings, final norm, the tied head). Each rank then holds a 1/N slice of every
-    parameter, of its gradient and of the optimizer state; a block's weights are gathered only while it runs.
+    then the backbone itself (embeddings, final norm, the tied head); a model without a ModuleList (a head) is sharded
+    whole. Each rank then holds a 1/N slice of every parameter, of its gradient and of the optimizer state; a
+    block's weights are gathered only while it runs.
 
     Lightning's classic FSDPStrategy is not used: it breaks ``manual_backward``. Needs
     ``trainer.strategy: ModelParallelStrategy`` with ``data_parallel_size`` = the number of processes and
     ``save_distributed_checkpoint: false`` (checkpoints stay one file, loadable by the next phase unsharded).
     """
-    from lightning.pytorch.strategies import ModelParallelStrategy
-    from torch.distributed.fsdp import fully_shard
-
     strategy = module.trainer.strategy
     if not isinstance(strategy, ModelParallelStrategy):
         raise ValueError(f"shard: true needs trainer.strategy ModelParallelStrategy, got {type(strategy).__name__}")
+    if module.device_mesh["tensor_parallel"].size() != 1:
+        # Every rank is a data-parallel rank here (its own data, its own PPO prompts): nothing is split by tensor.
+        raise ValueError("shard: true needs ModelParallelStrategy(tensor_parallel_size=1, data_parallel_size=N)")
     mesh = module.device_mesh["data_parallel"]
     stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     for block in max(stacks, key=len, default=[]):

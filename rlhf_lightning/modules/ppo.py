@@ -39,7 +39,7 @@ from rlhf_lightning.models.heads import ValueHead
 from rlhf_lightning.models.reward import load_reward_model
 from rlhf_lightning.models.sampling import SamplingConfig, generate
 from rlhf_lightning.modules.base import PhaseModule
-from rlhf_lightning.modules.common import EvalSamples, on_every_rank, sample_eval
+from rlhf_lightning.modules.common import EvalSamples, on_every_rank, sample_eval, shard_backbone
 from rlhf_lightning.modules.reward import join_left_right, load_sft_backbone
 from rlhf_lightning.rl import (
     KL_ESTIMATORS,
@@ -136,6 +136,9 @@ class PPOModule(PhaseModule):
             this many samples each (collapse shows first within one prompt's samples); 0 groups switches it off.
         eval_seed: seed of the evaluation samples (the same for the SFT policy and the current one).
         seed: seed of the prompts, sampling noise and minibatch order of every iteration.
+        shard: shard the trainable models (policy, critic trunk, value head) with FSDP2 (see
+            :func:`~rlhf_lightning.modules.common.shard_backbone`; needs ``trainer.strategy: ModelParallelStrategy``).
+            The frozen reference and reward model stay whole on every rank.
     """
 
     PHASE = "ppo"
@@ -188,6 +191,7 @@ class PPOModule(PhaseModule):
         eval_samples_per_prompt: int = 4,
         eval_seed: int = 1234,
         seed: int = 0,
+        shard: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -281,6 +285,10 @@ class PPOModule(PhaseModule):
             self.critic_backbone.requires_grad_(True)
             if head_init is not None:
                 self._init_value_head_from_reward(head_init)
+        if h.shard:
+            for model in (self.policy, self.critic_backbone, self.value_head):
+                if model is not None:
+                    shard_backbone(self, model)
 
     @torch.no_grad()
     def _init_value_head_from_reward(self, reward_model: nn.Module) -> None:
@@ -430,8 +438,10 @@ class PPOModule(PhaseModule):
         gen = torch.Generator(device=self.device).manual_seed(_iteration_seed(h.seed, iteration, rank))
         t0 = time.perf_counter()
         self.policy.eval()
+        # Sharded, every forward is a collective: the ranks (each with its own prompts) generate until all are done.
+        any_alive = (lambda alive: not on_every_rank(self, not alive)) if h.shard else None
         out = generate(self.policy, prompt_ids, prompt_mask, self.sampling, self.tokenizer.eos_id,
-                       self.tokenizer.pad_id, gen)  # fmt: skip
+                       self.tokenizer.pad_id, gen, any_alive=any_alive)  # fmt: skip
         t1 = time.perf_counter()
         resp_mask = out.response_mask
         token_lists = [ids[m].tolist() for ids, m in zip(out.response_ids, resp_mask, strict=True)]
