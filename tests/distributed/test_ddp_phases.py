@@ -28,7 +28,7 @@ from rlhf_lightning.metrics import pairwise_accuracy
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CONFIGS = ROOT / "configs"
-#: A generous bound for the four runs: a hung collective must fail the test, not hang the suite.
+#: A generous bound for the five runs: a hung collective must fail the test, not hang the suite.
 TIMEOUT_S = 600
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", *QUIET]
@@ -90,15 +90,19 @@ def run_distributed(runs: list[tuple[Path, str, list[str]]]) -> dict[Path, dict[
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, dict[str, dict[int, dict]]]:
     """Under DDP: SFT, then the reward model and PPO from its checkpoints, in one folder (the configs' relative
-    paths); and the same SFT run with an FSDP2-sharded backbone in a second folder, on the first one's world."""
+    paths); and the same SFT and PPO runs sharded with FSDP2 in a second folder, on the first one's world and
+    checkpoints."""
     root = tmp_path_factory.mktemp("ddp")
     sharded = root / "fsdp2"
     sharded.mkdir()
     world = f"--data.init_args.data_dir={root / 'runs/world'}"
+    starts = [f"--model.init_args.{name}_checkpoint={root / 'runs' / phase / 'checkpoints/last.ckpt'}"
+              for name, phase in (("sft", "sft"), ("reward", "rm"))]  # fmt: skip
     records = run_distributed([(root, "sft", [*DDP, *SFT_ARGS]), (sharded, "sft", [*FSDP2, *SFT_ARGS, world]),
-                               (root, "rm", [*DDP, *RM_ARGS]), (root, "ppo", [*DDP, *PPO_ARGS])])  # fmt: skip
+                               (root, "rm", [*DDP, *RM_ARGS]), (root, "ppo", [*DDP, *PPO_ARGS]),
+                               (sharded, "ppo", [*FSDP2, *PPO_ARGS, world, *starts])])  # fmt: skip
     return root, {"sft": records[root / "sft"], "rm": records[root / "rm"], "ppo": records[root / "ppo"],
-                  "sft_fsdp2": records[sharded / "sft"]}  # fmt: skip
+                  "sft_fsdp2": records[sharded / "sft"], "ppo_fsdp2": records[sharded / "ppo"]}  # fmt: skip
 
 
 def check_common(root: Path, phase: str, ranks: dict[int, dict], checkpoint: str = "last.ckpt") -> None:
@@ -150,16 +154,31 @@ def test_ppo_under_ddp(runs):
     assert its[0][1]["beta"] != its[0][0]["beta"]  # the adaptive controller moved, by the same step everywhere
 
 
-def test_sft_sharded_with_fsdp2_matches_ddp(runs):
-    """The same SFT run with the backbone sharded: the gathered checkpoint is the DDP run's model (up to the order of
-    the gradient reductions), so the next phases load it unsharded as they would any SFT checkpoint."""
-    root, records = runs
-    ranks = records["sft_fsdp2"]
-    check_common(root / "fsdp2", "sft", ranks)
-    assert ranks[0]["metrics"]["sft/val_loss"] == pytest.approx(records["sft"][0]["metrics"]["sft/val_loss"], rel=1e-4)
-    ddp, sharded = (load_checkpoint(folder / "runs/sft/checkpoints/last.ckpt", phase="sft")["state_dict"]
+def check_sharded_matches_ddp(root: Path, records: dict, phase: str, checkpoint: str, metric: str) -> None:
+    """The sharded run's gathered checkpoint is the DDP run's model (up to the order of the gradient reductions),
+    an ordinary single file with whole tensors, so the next phases load it unsharded."""
+    ranks = records[f"{phase}_fsdp2"]
+    check_common(root / "fsdp2", phase, ranks, checkpoint)
+    assert ranks[0]["metrics"][metric] == pytest.approx(records[phase][0]["metrics"][metric], rel=1e-4)
+    ddp, sharded = (load_checkpoint(folder / "runs" / phase / "checkpoints" / checkpoint)["state_dict"]
                     for folder in (root, root / "fsdp2"))  # fmt: skip
     assert ddp.keys() == sharded.keys()
     for key, value in ddp.items():
         assert not isinstance(sharded[key], DTensor)
         torch.testing.assert_close(sharded[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_sft_sharded_with_fsdp2_matches_ddp(runs):
+    root, records = runs
+    check_sharded_matches_ddp(root, records, "sft", "last.ckpt", "sft/val_loss")
+    # Sampling (validation) works on the sharded model and draws what the DDP model draws.
+    assert records["sft_fsdp2"][0]["metrics"]["eval/gold_reward"] == records["sft"][0]["metrics"]["eval/gold_reward"]
+
+
+def test_ppo_sharded_with_fsdp2_matches_ddp(runs):
+    """Manual optimisation under FSDP2: rollouts of different lengths per rank (generation stops together), the
+    minibatch backward passes, and best.ckpt saved by RLHFDiagnostics."""
+    root, records = runs
+    check_sharded_matches_ddp(root, records, "ppo", "best.ckpt", "kl")
+    its = [records[run][0]["iterations"] for run in ("ppo", "ppo_fsdp2")]
+    assert [x["beta"] for x in its[0]] == pytest.approx([x["beta"] for x in its[1]], rel=1e-6)
