@@ -26,7 +26,7 @@ from rlhf_lightning.models.backbone import backbone_from_spec
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.models.sampling import SamplingConfig, generate
 from rlhf_lightning.modules.base import PhaseModule, tokenizer_from_meta
-from rlhf_lightning.modules.common import adamw_with_warmup_cosine, check_finite_loss
+from rlhf_lightning.modules.common import adamw_with_warmup_cosine, check_finite_loss, shard_backbone
 
 
 def load_sft_backbone(path: str):
@@ -69,6 +69,8 @@ class RewardModule(PhaseModule):
         norm_sampling: how those samples are drawn.
         seed: seed of the heads' initialisation, the bootstrap weights, the normalisation samples and, with the data
             module's ``pair_source: sft_policy``, of the pairs sampled from the SFT policy and their labels.
+        shard: shard every trunk and head with FSDP2 (see :func:`~rlhf_lightning.modules.common.shard_backbone`;
+            needs ``trainer.strategy: ModelParallelStrategy``).
     """
 
     PHASE = "reward"
@@ -88,6 +90,7 @@ class RewardModule(PhaseModule):
         norm_samples: int = 512,
         norm_sampling: SamplingConfig | None = None,
         seed: int = 0,
+        shard: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -126,6 +129,9 @@ class RewardModule(PhaseModule):
         weights = torch.poisson(ones, generator=g) if use_bootstrap else None
         self.register_buffer("bootstrap_weights", weights if weights is not None else torch.ones(n_train, 1))
         self._norm_batch = self._sample_sft_responses(backbone)
+        if h.shard:  # after the sampling above: every rank samples the same prompts, sharded or not
+            for model in (*self.reward_model.backbones, *self.reward_model.heads):
+                shard_backbone(self, model)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"reward_model": self.reward_model.spec(), "sft_checkpoint": str(self.hparams.sft_checkpoint)}
