@@ -35,6 +35,8 @@ def digest(module: torch.nn.Module) -> str:
 
 
 class DDPProbe(Callback):
+    """Records what this rank saw (see the module doc) and writes it to ``out/rank<r>.json`` at the end of fit."""
+
     def __init__(self, out: str):
         self.out = Path(out)
         self.record: dict[str, Any] = {"saved": [], "val": {}, "iterations": []}
