@@ -125,7 +125,8 @@ class RLHFDiagnostics(pl.Callback):
         score = best_checkpoint_score(metrics, gold_seen, self.findings, self.best_max_kl) if self.save_best else None
         stop = any(f.name in self.stop_on or f.family in self.stop_on for f in new)
         # Every rank must take the same decisions (save_checkpoint has a barrier; a stop on one rank only hangs
-        # the others), and rank 0's metrics are the ones that were logged.
+        # the others). The PPO module's metrics are already the ranks' means; the broadcast makes the agreement
+        # independent of that.
         stop, score = trainer.strategy.broadcast((stop, score), src=0)
         if score is not None and (self._best is None or score[0] > self._best):
             self._best = score[0]

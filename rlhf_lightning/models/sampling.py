@@ -14,6 +14,7 @@ The log-probs returned are those of the full temperature-scaled distribution (be
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -101,6 +102,7 @@ def generate(
     pad_id: int,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    any_alive: Callable[[bool], bool] | None = None,
 ) -> Generation:
     """Samples one response per prompt.
 
@@ -112,17 +114,20 @@ def generate(
         eos_id, pad_id: special token ids.
         generator: RNG for the Gumbel noise (on the model's device); None uses the global RNG.
         use_cache: False recomputes the whole sequence every step (the naive reference the cache is tested against).
+        any_alive: whether to go on, given whether a row of this batch is still generating. None: go on exactly
+            then. A sharded (FSDP2) model's forward is a collective, so ranks sampling different prompts must stop
+            together: they pass whether a row is alive on any rank (the finished ones add padding columns).
 
     Returns:
         Generation with R <= max_new_tokens columns (stops early once every row has ended).
     """
     b = prompt_ids.shape[0]
     device = prompt_ids.device
-    weight = model.lm_head_weight
     temperature = config.temperature or 1.0
     mask = prompt_mask.bool()
     cache = model.new_cache(b, prompt_ids.shape[1] + config.max_new_tokens) if use_cache else None
     hidden = model(prompt_ids, mask, positions_from_mask(mask), cache)[:, -1]  # (B, D)
+    weight = model.lm_head_weight  # after a forward: a sharded (FSDP2) model's root weights are whole from then on
     seq = prompt_ids
     tokens, logps, alive_steps = [], [], []
     alive = torch.ones(b, dtype=torch.bool, device=device)
@@ -141,7 +146,7 @@ def generate(
         logps.append(torch.where(alive, logp, torch.zeros_like(logp)))
         alive_steps.append(alive)
         alive = alive & (token != eos_id)
-        if not bool(alive.any()):
+        if not (any_alive or bool)(bool(alive.any())):
             break
         mask = torch.cat([mask, alive_steps[-1].unsqueeze(1)], dim=1)  # finished rows' pads are masked keys
         pos = positions_from_mask(mask)[:, -1:]

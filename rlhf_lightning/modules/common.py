@@ -6,8 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 
 import rlhf_kernels
 from rlhf_lightning.data.tokenizer import Tokenizer
@@ -30,6 +33,47 @@ def response_logprobs(
     hidden = model(input_ids, attention_mask)  # (B, T, D)
     logits = hidden[mask] @ model.lm_head_weight.T  # (N, V)
     return rlhf_kernels.token_logprobs(logits, targets[mask])
+
+
+def on_every_rank(module: L.LightningModule, flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (itself in a single process). A decision that leads to a collective
+    (the gradient all-reduce of a backward pass, a checkpoint's barrier) must be the same on all ranks, or the ranks
+    that took the other branch wait for the rest forever. A module outside a Trainer is one process."""
+    if module._trainer is None:
+        return flag
+    agreed = module.trainer.strategy.reduce(torch.tensor(float(flag), device=module.device), reduce_op="min")
+    return bool(agreed)
+
+
+def check_finite_loss(module: L.LightningModule, loss: torch.Tensor, name: str) -> None:
+    """Raises FloatingPointError on every rank when the loss is not finite on some rank."""
+    if not on_every_rank(module, bool(torch.isfinite(loss))):
+        step = module.global_step
+        raise FloatingPointError(f"{name} is not finite at step {step} (this rank's value: {loss.item()}): stopping")
+
+
+def shard_backbone(module: L.LightningModule, model: nn.Module) -> None:
+    """FSDP2 (``fully_shard``) over the data-parallel dimension of ModelParallelStrategy's device mesh: each block of
+    the backbone's transformer stack (its largest ModuleList: TinyGPT's ``blocks``, a Hugging Face model's layers),
+    then the backbone itself (embeddings, final norm, the tied head); a model without a ModuleList (a head) is sharded
+    whole. Each rank then holds a 1/N slice of every parameter, of its gradient and of the optimizer state; a
+    block's weights are gathered only while it runs.
+
+    Lightning's classic FSDPStrategy is not used: it breaks ``manual_backward``. Needs
+    ``trainer.strategy: ModelParallelStrategy`` with ``data_parallel_size`` = the number of processes and
+    ``save_distributed_checkpoint: false`` (checkpoints stay one file, loadable by the next phase unsharded).
+    """
+    strategy = module.trainer.strategy
+    if not isinstance(strategy, ModelParallelStrategy):
+        raise ValueError(f"shard: true needs trainer.strategy ModelParallelStrategy, got {type(strategy).__name__}")
+    if module.device_mesh["tensor_parallel"].size() != 1:
+        # Every rank is a data-parallel rank here (its own data, its own PPO prompts): nothing is split by tensor.
+        raise ValueError("shard: true needs ModelParallelStrategy(tensor_parallel_size=1, data_parallel_size=N)")
+    mesh = module.device_mesh["data_parallel"]
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    for block in max(stacks, key=len, default=[]):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 @dataclass

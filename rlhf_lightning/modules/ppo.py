@@ -39,7 +39,7 @@ from rlhf_lightning.models.heads import ValueHead
 from rlhf_lightning.models.reward import load_reward_model
 from rlhf_lightning.models.sampling import SamplingConfig, generate
 from rlhf_lightning.modules.base import PhaseModule
-from rlhf_lightning.modules.common import EvalSamples, sample_eval
+from rlhf_lightning.modules.common import EvalSamples, on_every_rank, sample_eval, shard_backbone
 from rlhf_lightning.modules.reward import join_left_right, load_sft_backbone
 from rlhf_lightning.rl import (
     KL_ESTIMATORS,
@@ -136,6 +136,9 @@ class PPOModule(PhaseModule):
             this many samples each (collapse shows first within one prompt's samples); 0 groups switches it off.
         eval_seed: seed of the evaluation samples (the same for the SFT policy and the current one).
         seed: seed of the prompts, sampling noise and minibatch order of every iteration.
+        shard: shard the trainable models (policy, critic trunk, value head) with FSDP2 (see
+            :func:`~rlhf_lightning.modules.common.shard_backbone`; needs ``trainer.strategy: ModelParallelStrategy``).
+            The frozen reference and reward model stay whole on every rank.
     """
 
     PHASE = "ppo"
@@ -188,6 +191,7 @@ class PPOModule(PhaseModule):
         eval_samples_per_prompt: int = 4,
         eval_seed: int = 1234,
         seed: int = 0,
+        shard: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -281,6 +285,10 @@ class PPOModule(PhaseModule):
             self.critic_backbone.requires_grad_(True)
             if head_init is not None:
                 self._init_value_head_from_reward(head_init)
+        if h.shard:
+            for model in (self.policy, self.critic_backbone, self.value_head):
+                if model is not None:
+                    shard_backbone(self, model)
 
     @torch.no_grad()
     def _init_value_head_from_reward(self, reward_model: nn.Module) -> None:
@@ -374,6 +382,7 @@ class PPOModule(PhaseModule):
         last = self.iteration >= self.hparams.iterations
         if self.iteration % self.hparams.eval_every == 0 or last:
             metrics.update(self.evaluate())
+        metrics = self._mean_over_ranks(metrics)
         self._log(metrics, it)
         self.last_metrics = metrics
         self.log("proxy", metrics["objective/proxy_reward"], prog_bar=True, logger=False)
@@ -385,6 +394,19 @@ class PPOModule(PhaseModule):
         """Whether an adaptive controller's beta sits at kl_min or kl_max (it can no longer do its job)."""
         h = self.hparams
         return h.kl_controller == "adaptive" and (beta <= h.kl_min or beta >= h.kl_max)
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value's mean over the ranks, in one all-reduce (the values themselves in a single process).
+
+        Under DDP the logger writes on rank 0 only, and a rollout's statistics are one rank's share: the mean over
+        the ranks' equal-sized rollouts is the statistic of the whole batch for means (rewards, lengths, losses) and
+        the mean of the ranks' values for the others (diversity, correlations). Every rank gets the same numbers,
+        so the online detectors agree too. The keys depend on the configuration only, never on the data, so every
+        rank sends the same vector.
+        """
+        keys = list(values)
+        local = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        return dict(zip(keys, self.trainer.strategy.reduce(local, reduce_op="mean").tolist(), strict=True))
 
     def _log(self, metrics: dict[str, float], iteration: int) -> None:
         """Logs with the iteration as the step (Lightning's global_step counts optimizer steps here)."""
@@ -402,7 +424,7 @@ class PPOModule(PhaseModule):
         )
 
     def _check_finite(self, quantity: str, x: torch.Tensor, iteration: int) -> None:
-        if not bool(torch.isfinite(x).all()):
+        if not on_every_rank(self, bool(torch.isfinite(x).all())):  # _fail's checkpoint is a collective
             self._fail(quantity, iteration)
 
     # -- rollout and scoring -----------------------------------------------------------------------------------------
@@ -416,8 +438,10 @@ class PPOModule(PhaseModule):
         gen = torch.Generator(device=self.device).manual_seed(_iteration_seed(h.seed, iteration, rank))
         t0 = time.perf_counter()
         self.policy.eval()
+        # Sharded, every forward is a collective: the ranks (each with its own prompts) generate until all are done.
+        any_alive = (lambda alive: not on_every_rank(self, not alive)) if h.shard else None
         out = generate(self.policy, prompt_ids, prompt_mask, self.sampling, self.tokenizer.eos_id,
-                       self.tokenizer.pad_id, gen)  # fmt: skip
+                       self.tokenizer.pad_id, gen, any_alive=any_alive)  # fmt: skip
         t1 = time.perf_counter()
         resp_mask = out.response_mask
         token_lists = [ids[m].tolist() for ids, m in zip(out.response_ids, resp_mask, strict=True)]
@@ -437,7 +461,8 @@ class PPOModule(PhaseModule):
         self._check_finite("reward (the scores of the reward source)", raw_scores, iteration)
         scores = raw_scores
         if h.score_norm == "running":
-            self.score_moments.update(raw_scores)
+            # All ranks' scores: every rank normalises with the same statistics and checkpoints the same state.
+            self.score_moments.update(self.trainer.strategy.all_gather(raw_scores))
             scores = (raw_scores - self.score_moments.mean) / self.score_moments.std
         kl = per_token_kl(logp, ref_logp, resp_mask, h.kl_estimator, full_kl)
         beta = self.kl_ctl.value
@@ -538,12 +563,12 @@ class PPOModule(PhaseModule):
             epoch_kl = []
             for idx in torch.randperm(rollout.size, generator=gen, device="cpu").split(h.minibatch_size):
                 loss, stats = self._minibatch_loss(rollout.select(idx.to(self.device)))
-                if not bool(torch.isfinite(loss)):
+                if not on_every_rank(self, bool(torch.isfinite(loss))):
                     self._fail("loss", iteration, f" (epoch {epochs}, minibatch step {steps})")
                 opt.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
                 norms = self._clip_gradients()
-                for name, norm in norms.items():
+                for name, norm in norms.items():  # of the all-reduced gradients: the same on every rank
                     if not bool(torch.isfinite(norm)):
                         self._fail(f"{name} gradient norm", iteration, f" (epoch {epochs}, minibatch step {steps})")
                     stats[f"{name}/grad_norm"] = float(norm)
@@ -554,8 +579,12 @@ class PPOModule(PhaseModule):
                 epoch_kl.append(stats["policy/approx_kl"])
                 steps += 1
             epochs += 1
-            if h.target_approx_kl is not None and sum(epoch_kl) / len(epoch_kl) > h.target_approx_kl:
-                break
+            if h.target_approx_kl is not None:
+                # Under DDP every rank must run the same number of backward passes (each all-reduces the
+                # gradients): the ranks stop on their mean KL, not each on its own.
+                approx_kl = self._mean_over_ranks({"kl": sum(epoch_kl) / len(epoch_kl)})["kl"]
+                if approx_kl > h.target_approx_kl:
+                    break
         out = {key: value / steps for key, value in sums.items()}
         out["policy/epochs"] = float(epochs)
         out["policy/lr"] = opt.param_groups[0]["lr"]

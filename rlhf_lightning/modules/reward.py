@@ -26,7 +26,7 @@ from rlhf_lightning.models.backbone import backbone_from_spec
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.models.sampling import SamplingConfig, generate
 from rlhf_lightning.modules.base import PhaseModule, tokenizer_from_meta
-from rlhf_lightning.modules.common import adamw_with_warmup_cosine
+from rlhf_lightning.modules.common import adamw_with_warmup_cosine, check_finite_loss, shard_backbone
 
 
 def load_sft_backbone(path: str):
@@ -69,6 +69,8 @@ class RewardModule(PhaseModule):
         norm_sampling: how those samples are drawn.
         seed: seed of the heads' initialisation, the bootstrap weights, the normalisation samples and, with the data
             module's ``pair_source: sft_policy``, of the pairs sampled from the SFT policy and their labels.
+        shard: shard every trunk and head with FSDP2 (see :func:`~rlhf_lightning.modules.common.shard_backbone`;
+            needs ``trainer.strategy: ModelParallelStrategy``).
     """
 
     PHASE = "reward"
@@ -88,6 +90,7 @@ class RewardModule(PhaseModule):
         norm_samples: int = 512,
         norm_sampling: SamplingConfig | None = None,
         seed: int = 0,
+        shard: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -126,6 +129,9 @@ class RewardModule(PhaseModule):
         weights = torch.poisson(ones, generator=g) if use_bootstrap else None
         self.register_buffer("bootstrap_weights", weights if weights is not None else torch.ones(n_train, 1))
         self._norm_batch = self._sample_sft_responses(backbone)
+        if h.shard:  # after the sampling above: every rank samples the same prompts, sharded or not
+            for model in (*self.reward_model.backbones, *self.reward_model.heads):
+                shard_backbone(self, model)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"reward_model": self.reward_model.spec(), "sft_checkpoint": str(self.hparams.sft_checkpoint)}
@@ -161,10 +167,9 @@ class RewardModule(PhaseModule):
         losses = pair_losses(r_c, r_r, self.hparams.margin)  # (B, K)
         w = self.bootstrap_weights[batch["index"]].expand(-1, r_c.shape[1])  # (B, K)
         loss = ((losses * w).sum(0) / w.sum(0).clamp(min=1)).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"rm/loss is {loss.item()} at step {self.global_step}: stopping")
-        self.log("rm/loss", loss, prog_bar=True)
-        self.log("rm/train_accuracy", pairwise_accuracy(r_c.mean(1), r_r.mean(1)))
+        check_finite_loss(self, loss, "rm/loss")
+        self.log("rm/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("rm/train_accuracy", pairwise_accuracy(r_c.mean(1), r_r.mean(1)), sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -179,6 +184,8 @@ class RewardModule(PhaseModule):
             return
         v = {key: torch.cat([b[key] for b in self._val]) for key in self._val[0]}
         self._val.clear()
+        if self.trainer.world_size > 1:
+            v = self._gather_val(v)
         r_c, r_r = v["r_c"].mean(1), v["r_r"].mean(1)  # ensemble mean (raw scores)
         scores, lengths = torch.cat([r_c, r_r]), torch.cat([v["len_c"], v["len_r"]])
         metrics = {
@@ -201,7 +208,18 @@ class RewardModule(PhaseModule):
             self.refresh_normalisation()
             metrics["rm/norm_mean"] = float(self.reward_model.norm_mean.mean())
             metrics["rm/norm_std"] = float(self.reward_model.norm_std.mean())
-        self.log_dict(metrics)
+        # Every rank computed these from the same gathered pairs and weights: the sync averages equal values.
+        self.log_dict(metrics, sync_dist=True)
+
+    def _gather_val(self, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every rank's validation results, each pair once. The metrics (accuracy, ECE, correlations) are not
+        means of per-rank values, so each rank computes them on all pairs. DistributedSampler gives every rank the
+        same count by repeating pairs; the pair index drops the repeats."""
+        v = {key: self.all_gather(t.to(self.device)).flatten(0, 1).cpu() for key, t in v.items()}
+        index, inverse = torch.unique(v["index"], return_inverse=True)
+        positions = torch.arange(len(inverse))
+        first = torch.full_like(index, len(inverse)).scatter_reduce(0, inverse, positions, "amin")
+        return {key: t[first] for key, t in v.items()}
 
     @torch.no_grad()
     def refresh_normalisation(self) -> None:

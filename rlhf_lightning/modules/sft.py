@@ -19,10 +19,12 @@ from rlhf_lightning.models.tinygpt import GPTConfig
 from rlhf_lightning.modules.base import PhaseModule
 from rlhf_lightning.modules.common import (
     adamw_with_warmup_cosine,
+    check_finite_loss,
     eval_metrics,
     response_logprobs,
     sample_eval,
     samples_table,
+    shard_backbone,
 )
 
 
@@ -37,6 +39,8 @@ class SFTModule(PhaseModule):
         eval_sampling: how validation samples responses.
         eval_seed: seed of the private RNG validation samples with (the same samples every epoch for a given model).
         eval_table_rows: samples shown in the TensorBoard text table.
+        shard: shard the backbone with FSDP2 (see :func:`~rlhf_lightning.modules.common.shard_backbone`; needs
+            ``trainer.strategy: ModelParallelStrategy``), for a model too large for one device.
     """
 
     PHASE = "sft"
@@ -53,6 +57,7 @@ class SFTModule(PhaseModule):
         eval_sampling: SamplingConfig | None = None,
         eval_seed: int = 1234,
         eval_table_rows: int = 8,
+        shard: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -67,6 +72,8 @@ class SFTModule(PhaseModule):
             return  # already built, or loading a checkpoint outside a Trainer (build_from_checkpoint does it)
         self.tokenizer = self.datamodule_tokenizer()
         self.model = build_backbone(self.backbone_config, self.tokenizer.vocab_size, self.hparams.hf_model_path)
+        if self.hparams.shard:
+            shard_backbone(self, self.model)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"backbone": backbone_spec(self.model)}
@@ -82,21 +89,21 @@ class SFTModule(PhaseModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, n_tokens = self._nll(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"sft/loss is {loss.item()} at step {self.global_step}: stopping")
-        self.log("sft/loss", loss, prog_bar=True, batch_size=n_tokens)
+        check_finite_loss(self, loss, "sft/loss")
+        self.log("sft/loss", loss, prog_bar=True, batch_size=n_tokens, sync_dist=True)
         self.log("sft/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, n_tokens = self._nll(batch)
         # batch_size = tokens, so the epoch value is the token-weighted mean (the true held-out loss).
-        self.log("sft/val_loss", loss, prog_bar=True, batch_size=n_tokens)
+        # sync_dist: under DDP each rank validates its own shard; the sums and token counts are added across ranks.
+        self.log("sft/val_loss", loss, prog_bar=True, batch_size=n_tokens, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         val_loss = self.trainer.callback_metrics.get("sft/val_loss")
         if val_loss is not None:
-            self.log("sft/val_ppl", math.exp(min(float(val_loss), 50.0)))
+            self.log("sft/val_ppl", math.exp(min(float(val_loss), 50.0)), sync_dist=True)
         if self.trainer.sanity_checking:
             return
         dm = self.trainer.datamodule
@@ -105,7 +112,8 @@ class SFTModule(PhaseModule):
             self.model, self.tokenizer, prompts, batch["prompt_ids"].to(self.device),
             batch["prompt_mask"].to(self.device), self.eval_sampling, self.hparams.eval_seed, dm.judge,
         )  # fmt: skip
-        self.log_dict(eval_metrics(samples))
+        # Every rank samples the same prompts with the same weights and seed: the sync averages equal values.
+        self.log_dict(eval_metrics(samples), sync_dist=True)
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_text"):
             experiment.add_text("eval/samples", samples_table(samples, self.hparams.eval_table_rows), self.global_step)

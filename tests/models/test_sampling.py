@@ -115,3 +115,22 @@ def test_filter_logits_top_k_and_top_p():
 def test_sampling_config_rejects_bad_values(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingConfig(**bad)
+
+
+def test_any_alive_keeps_finished_rows_generating_padding(model):
+    """Ranks of a sharded model stop together: a batch told to go on after its rows have ended gets padding
+    columns, and the same responses as when it stops on its own."""
+    cfg = SamplingConfig(12, temperature=1.0)
+    ids, mask = prompts()
+    ids, mask = ids[:2], mask[:2]
+    first = generate(model, ids, mask, SamplingConfig(1, 1.0), EOS, PAD, torch.Generator().manual_seed(3))
+    eos = int(first.response_ids[0, 0])  # row 0 ends at once; row 1 whenever it draws that token
+    own = generate(model, ids, mask, cfg, eos, PAD, torch.Generator().manual_seed(3))
+    go_on = generate(model, ids, mask, cfg, eos, PAD, torch.Generator().manual_seed(3), any_alive=lambda alive: True)
+    r = own.response_ids.shape[1]
+    assert r < 12 and go_on.response_ids.shape[1] == 12  # the batch alone stops early, told to go on it does not
+    for name in ("response_ids", "response_mask", "logprobs"):
+        assert torch.equal(getattr(go_on, name)[:, :r], getattr(own, name)), name
+    assert not go_on.response_mask[:, r:].any() and bool((go_on.response_ids[:, r:] == PAD).all())
+    assert torch.equal(go_on.ended, own.ended)
+    assert int(own.response_mask[0].sum()) == 1
