@@ -123,7 +123,11 @@ def read_jsonl(
             where = f"{path_str}:{lineno}"
             try:
                 if raw is None:
-                    raise DataError(where, f"line longer than max_line_bytes={max_line_bytes}")
+                    raise DataError(
+                        where,
+                        f"line longer than max_line_bytes={max_line_bytes} (raise the limit if "
+                        "records this long are intended; a file without newlines is one line)",
+                    )
                 records.append(_parse_line(raw, fields, where, first=lineno == 1))
             except DataError as err:
                 if on_error == "raise":

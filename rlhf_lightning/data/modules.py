@@ -32,12 +32,15 @@ from rlhf_lightning.data.collate import (
     tokenize_prompts,
     tokenize_sft,
 )
-from rlhf_lightning.data.jsonl import read_jsonl
+from rlhf_lightning.data.jsonl import JsonlData, read_jsonl
 from rlhf_lightning.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from rlhf_lightning.models.sampling import PolicyBackbone, SamplingConfig, generate
 from rlhf_lightning.world import WORDS, Annotators, GoldJudge, JudgeConfig, WorldConfig, write_world
 from rlhf_lightning.world.annotators import Ended
 from rlhf_lightning.world.writer import META_FILE as WORLD_META
+
+#: The default longest JSONL line, in bytes (see ``max_line_bytes`` of :class:`RLHFDataModule`).
+MAX_LINE_BYTES = 1 << 20
 
 
 class RLHFDataModule(L.LightningDataModule):
@@ -55,7 +58,13 @@ class RLHFDataModule(L.LightningDataModule):
         eval_prompts: how many responses validation samples, cycling through the held-out prompts.
         eval_prompts_file: JSONL of ``{"prompt"}`` records; default ``data_dir/prompts_val.jsonl``.
         on_error: "raise" on a malformed record, or "skip" it (counted and logged as data/skipped).
-        num_workers: DataLoader worker processes.
+        max_line_bytes: a JSONL line longer than this is a malformed record (read no further than the limit, so a
+            file without newlines never fills the memory); None: no limit. 1 MiB by default: a record that long is
+            far beyond any token budget here (it would be truncated to a few hundred tokens) and is almost always a
+            broken file, e.g. records written without newlines; raise it for genuinely long documents.
+        num_workers: DataLoader worker processes. Records are read, validated and tokenised in ``setup``, in the
+            main process, before any loader exists: workers only pad ready examples, so a bad record is reported
+            there with its file and line and never reaches (or crashes) a worker.
     """
 
     def __init__(
@@ -70,6 +79,7 @@ class RLHFDataModule(L.LightningDataModule):
         eval_prompts: int = 256,
         eval_prompts_file: str | None = None,
         on_error: Literal["raise", "skip"] = "raise",
+        max_line_bytes: int | None = MAX_LINE_BYTES,
         num_workers: int = 0,
     ):
         super().__init__()
@@ -111,7 +121,7 @@ class RLHFDataModule(L.LightningDataModule):
         texts = []
         for path in sorted(self.data_dir.glob("*.jsonl")):
             kind = "preference" if path.name.startswith("prefs") else "sft" if path.name.startswith("sft") else "prompt"
-            for rec in read_jsonl(path, kind, on_error=self.hparams.on_error).records:
+            for rec in self._read_file(path, kind).records:
                 texts.extend(v for v in rec.values() if isinstance(v, str))
         if not texts:
             raise FileNotFoundError(f"no JSONL files in {self.data_dir} to train a tokenizer on; set tokenizer_path")
@@ -133,9 +143,12 @@ class RLHFDataModule(L.LightningDataModule):
         judge_cfg = meta.get("config", {}).get("judge")
         return GoldJudge(JudgeConfig(**judge_cfg) if judge_cfg else JudgeConfig())
 
+    def _read_file(self, path: Path, kind: str) -> JsonlData:
+        return read_jsonl(path, kind, on_error=self.hparams.on_error, max_line_bytes=self.hparams.max_line_bytes)
+
     def _read(self, name: str, kind: str, override: str | None = None) -> list[dict[str, str]]:
         path = self.file(name, override)
-        data = read_jsonl(path, kind, on_error=self.hparams.on_error)
+        data = self._read_file(path, kind)
         self.data_stats[f"data/skipped/{path.stem}"] = float(data.skipped)
         return data.records
 
