@@ -146,11 +146,12 @@ class RLHFDataModule(L.LightningDataModule):
     def _read_file(self, path: Path, kind: str) -> JsonlData:
         return read_jsonl(path, kind, on_error=self.hparams.on_error, max_line_bytes=self.hparams.max_line_bytes)
 
-    def _read(self, name: str, kind: str, override: str | None = None) -> list[dict[str, str]]:
+    def _read(self, name: str, kind: str, override: str | None = None) -> tuple[list[dict[str, str]], list[str]]:
+        """The valid records of a data file, and ``"path:line"`` of each (for tokenisation errors)."""
         path = self.file(name, override)
         data = self._read_file(path, kind)
         self.data_stats[f"data/skipped/{path.stem}"] = float(data.skipped)
-        return data.records
+        return data.records, [f"{path}:{line}" for line in data.lines]
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
@@ -161,10 +162,11 @@ class RLHFDataModule(L.LightningDataModule):
     def eval_prompts(self) -> tuple[list[str], dict[str, torch.Tensor]]:
         """The fixed held-out prompts validation samples for: their texts and a left-padded batch."""
         if self._eval is None:
-            records = self._read("prompts_val.jsonl", "prompt", self.hparams.eval_prompts_file)
+            records, where = self._read("prompts_val.jsonl", "prompt", self.hparams.eval_prompts_file)
             # Cycle through the prompts up to eval_prompts samples: a small prompt set still gives a stable figure.
-            records = [records[i % len(records)] for i in range(self.hparams.eval_prompts)]
-            examples = tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len)[0]
+            cycle = [i % len(records) for i in range(self.hparams.eval_prompts)]
+            records, where = [records[i] for i in cycle], [where[i] for i in cycle]
+            examples = tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len, where)[0]
             self._eval = ([r["prompt"] for r in records], collate_prompts(examples, self.tokenizer.pad_id))
         return self._eval
 
@@ -174,13 +176,18 @@ class RLHFDataModule(L.LightningDataModule):
         The prompts come from ``data_dir/prompts_train.jsonl`` when it exists, else from the phase's training records.
         """
         path = self.data_dir / "prompts_train.jsonl"
-        prompts = [r["prompt"] for r in self._read(path.name, "prompt")] if path.is_file() else self.train_prompts
+        if path.is_file():
+            records, where = self._read(path.name, "prompt")
+            prompts = [r["prompt"] for r in records]
+        else:  # the phase's training prompts, which setup tokenised already
+            prompts, where = self.train_prompts, None
         if not prompts:
             raise ValueError(f"no training prompts: neither {path} nor training records with prompts")
         # device="cpu" explicitly: configure_model hooks run under Lightning's default-device context (CUDA on a GPU).
         idx = torch.randint(len(prompts), (n,), generator=torch.Generator().manual_seed(seed), device="cpu").tolist()
         records = [{"prompt": prompts[i]} for i in idx]
-        return collate_prompts(tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len)[0],
+        where = [where[i] for i in idx] if where is not None else None
+        return collate_prompts(tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len, where)[0],
                                self.tokenizer.pad_id)  # fmt: skip
 
     def _loader(self, examples: list, collate, shuffle: bool) -> DataLoader:
@@ -206,7 +213,8 @@ class _SplitDataModule(RLHFDataModule):
         self.train_examples: list = []
         self.val_examples: list = []
 
-    def tokenize(self, records: list[dict[str, str]]):
+    def tokenize(self, records: list[dict[str, str]], where: list[str]):
+        """Examples and truncation statistics of a split's records; ``where`` names each record ("path:line")."""
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
@@ -214,10 +222,10 @@ class _SplitDataModule(RLHFDataModule):
         if self.train_examples:
             return
         for split, override in (("train", self.hparams.train_file), ("val", self.hparams.val_file)):
-            records = self._read(f"{self.PREFIX}_{split}.jsonl", self.KIND, override)
+            records, where = self._read(f"{self.PREFIX}_{split}.jsonl", self.KIND, override)
             if split == "train":
                 self.train_prompts = list(dict.fromkeys(r["prompt"] for r in records))
-            examples, stats = self.tokenize(records)
+            examples, stats = self.tokenize(records, where)
             setattr(self, f"{split}_examples", examples)
             for key, value in asdict(stats).items():
                 self.data_stats[f"data/{key}/{self.PREFIX}_{split}"] = float(value)
@@ -237,8 +245,9 @@ class SFTDataModule(_SplitDataModule):
 
     PREFIX, KIND = "sft", "sft"
 
-    def tokenize(self, records: list[dict[str, str]]):
-        return tokenize_sft(records, self.tokenizer, self.hparams.max_prompt_len, self.hparams.max_response_len)
+    def tokenize(self, records: list[dict[str, str]], where: list[str]):
+        h = self.hparams
+        return tokenize_sft(records, self.tokenizer, h.max_prompt_len, h.max_response_len, where)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_examples, collate_sft, shuffle=True)
@@ -293,9 +302,9 @@ class PreferenceDataModule(_SplitDataModule):
         self._split_prompts: dict[str, list[str]] = {}
         self._policy_pairs_seed: int | None = None
 
-    def tokenize(self, records: list[dict[str, str]]):
+    def tokenize(self, records: list[dict[str, str]], where: list[str]):
         h = self.hparams
-        return tokenize_preferences(records, self.tokenizer, h.max_prompt_len, h.max_response_len)
+        return tokenize_preferences(records, self.tokenizer, h.max_prompt_len, h.max_response_len, where)
 
     def on_split_loaded(self, split: str, records: list[dict[str, str]]) -> None:
         self._split_prompts[split] = [r["prompt"] for r in records]
@@ -428,8 +437,8 @@ class PromptDataModule(RLHFDataModule):
         super().setup(stage)
         if self._train:
             return
-        records = self._read("prompts_train.jsonl", "prompt", self.hparams.train_file)
-        examples, stats = tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len)
+        records, where = self._read("prompts_train.jsonl", "prompt", self.hparams.train_file)
+        examples, stats = tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len, where)
         self.train_prompts = [r["prompt"] for r in records]
         self._train = examples
         for key, value in asdict(stats).items():

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from tokenizers import normalizers
 
 from rlhf_lightning.cli import main
 from rlhf_lightning.data import (
@@ -121,6 +122,25 @@ def test_a_bad_line_stops_setup_naming_file_line_and_field(tmp_path, kind, case)
     assert (info.value.where, info.value.field) == (f"{path}:2", field)
     at = f"field {field!r}: " if field else ""
     assert re.match(re.escape(f"{path}:2: {at}") + reason, str(info.value)), str(info.value)[:300]
+
+
+@pytest.mark.parametrize("kind", sorted(MODULES))
+def test_text_that_tokenises_to_nothing_is_named_by_its_file_line(tmp_path, kind):
+    # A Hugging Face tokenizer's normaliser (BERT's, here) deletes zero-width spaces: valid text, no token.
+    root = user_data(tmp_path)
+    tokenizer = Tokenizer.load(root)
+    tokenizer.backend.normalizer = normalizers.BertNormalizer(clean_text=True, strip_accents=False, lowercase=False)
+    tokenizer.save(root)
+    _, name, field = MODULES[kind]
+    good = json.dumps(GOOD[kind]).encode()
+    invisible = json.dumps({**GOOD[kind], field: "\u200b"}).encode()
+    # Line 2 is skipped (on_error="skip"): the record of line 3 is record 1, and the message must say line 3.
+    write_lines(root / name, [good, b"{broken", invisible])
+    dm = data_module(kind, root, on_error="skip")
+    with pytest.raises(DataError) as info:
+        dm.setup("fit")
+    assert (info.value.where, info.value.field) == (f"{root / name}:3", field)
+    assert str(info.value) == f"{root / name}:3: field {field!r}: tokenises to no tokens"
 
 
 @pytest.mark.parametrize("kind", sorted(MODULES))
