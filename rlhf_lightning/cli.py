@@ -18,13 +18,14 @@ import json
 import sys
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from rlhf_lightning.checkpoint import AtomicCheckpointIO
+from rlhf_lightning.checkpoint import AtomicCheckpointIO, check_whole, load_checkpoint
 
 
 class RLHFCLI(LightningCLI):
-    """LightningCLI whose trainer always saves checkpoints atomically."""
+    """LightningCLI whose trainer always saves checkpoints atomically, and which checks that a ``--ckpt_path`` file is
+    whole and of the configured module's phase before anything else reads it."""
 
     def instantiate_trainer(self, **kwargs):
         plugins = kwargs.get("plugins") or []
@@ -33,6 +34,24 @@ class RLHFCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads a --ckpt_path file next, with a bare torch.load, and replaces the configured model with
+        # the class and hyperparameters saved in it: an SFT checkpoint given to a PPO config would silently turn the
+        # run into an SFT run. Check the file whole and of the configured module's phase first.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():  # "last"/"best" are resolved by Lightning itself
+            return
+        from rlhf_lightning.modules.base import PhaseModule  # on use: `rlhf world` need not import the modules
+
+        module_path, _, name = self.config[subcommand]["model"]["class_path"].rpartition(".")
+        model_class = getattr(importlib.import_module(module_path), name)
+        if issubclass(model_class, PhaseModule):
+            load_checkpoint(ckpt_path, phase=model_class.PHASE)
+        else:
+            check_whole(ckpt_path)
 
 
 def world_main(argv: list[str]) -> None:

@@ -79,7 +79,11 @@ class TruncationStats:
 
 
 def tokenize_sft(
-    records: Sequence[Mapping[str, str]], tokenizer: Tokenizer, max_prompt_len: int, max_response_len: int
+    records: Sequence[Mapping[str, str]],
+    tokenizer: Tokenizer,
+    max_prompt_len: int,
+    max_response_len: int,
+    where: Sequence[str] | None = None,
 ) -> tuple[list[SFTExample], TruncationStats]:
     """Tokenises ``{"prompt", "response"}`` records under the module's truncation policy, in one batch.
 
@@ -88,65 +92,81 @@ def tokenize_sft(
         tokenizer: supplies the ids and EOS.
         max_prompt_len: the most prompt tokens kept (the last ones).
         max_response_len: the most response tokens kept, EOS included.
+        where: where each record comes from (``"path:line"``), for errors; default ``"record i"``.
 
     Returns:
         One example per record, in order, and what truncation did.
 
     Raises:
-        DataError: a prompt or response tokenises to no tokens (names the record index and field).
+        DataError: a prompt or response tokenises to no tokens (names the record and field).
         ValueError: a length budget below 1.
     """
     stats = TruncationStats(examples=len(records))
-    prompts = _prompts(records, tokenizer, max_prompt_len, stats)
-    responses = _responses(records, "response", tokenizer, max_response_len, stats)
+    prompts = _prompts(records, tokenizer, max_prompt_len, stats, where)
+    responses = _responses(records, "response", tokenizer, max_response_len, stats, where)
     return [SFTExample(p, r) for p, r in zip(prompts, responses, strict=True)], stats
 
 
 def tokenize_preferences(
-    records: Sequence[Mapping[str, str]], tokenizer: Tokenizer, max_prompt_len: int, max_response_len: int
+    records: Sequence[Mapping[str, str]],
+    tokenizer: Tokenizer,
+    max_prompt_len: int,
+    max_response_len: int,
+    where: Sequence[str] | None = None,
 ) -> tuple[list[PreferenceExample], TruncationStats]:
     """Tokenises ``{"prompt", "chosen", "rejected"}`` records; arguments and policy as :func:`tokenize_sft`, applied
     to each response (EOS where it fits).
 
     Raises:
-        DataError: a prompt or response tokenises to no tokens (names the record index and field).
+        DataError: a prompt or response tokenises to no tokens (names the record and field).
         ValueError: a length budget below 1.
     """
     stats = TruncationStats(examples=len(records))
-    prompts = _prompts(records, tokenizer, max_prompt_len, stats)
-    chosen = _responses(records, "chosen", tokenizer, max_response_len, stats)
-    rejected = _responses(records, "rejected", tokenizer, max_response_len, stats)
+    prompts = _prompts(records, tokenizer, max_prompt_len, stats, where)
+    chosen = _responses(records, "chosen", tokenizer, max_response_len, stats, where)
+    rejected = _responses(records, "rejected", tokenizer, max_response_len, stats, where)
     return [PreferenceExample(*x) for x in zip(prompts, chosen, rejected, strict=True)], stats
 
 
 def tokenize_prompts(
-    records: Sequence[Mapping[str, str]], tokenizer: Tokenizer, max_prompt_len: int
+    records: Sequence[Mapping[str, str]],
+    tokenizer: Tokenizer,
+    max_prompt_len: int,
+    where: Sequence[str] | None = None,
 ) -> tuple[list[PromptExample], TruncationStats]:
-    """Tokenises ``{"prompt"}`` records (left-truncated to ``max_prompt_len``).
+    """Tokenises ``{"prompt"}`` records (left-truncated to ``max_prompt_len``); ``where`` as :func:`tokenize_sft`.
 
     Raises:
-        DataError: a prompt tokenises to no tokens (names the record index).
+        DataError: a prompt tokenises to no tokens (names the record).
         ValueError: ``max_prompt_len`` below 1.
     """
     stats = TruncationStats(examples=len(records))
-    return [PromptExample(p) for p in _prompts(records, tokenizer, max_prompt_len, stats)], stats
+    return [PromptExample(p) for p in _prompts(records, tokenizer, max_prompt_len, stats, where)], stats
 
 
-def _encode(records: Sequence[Mapping[str, str]], field: str, tokenizer: Tokenizer, max_len: int) -> list[list[int]]:
+def _encode(
+    records: Sequence[Mapping[str, str]], field: str, tokenizer: Tokenizer, max_len: int, where: Sequence[str] | None
+) -> list[list[int]]:
     if max_len < 1:
         raise ValueError(f"the token budget of {field!r} must be >= 1, got {max_len}")
     ids = tokenizer.encode_batch([r[field] for r in records])
     for i, x in enumerate(ids):
         if not x:
-            raise DataError(f"record {i}", "tokenises to no tokens", field)
+            # Valid text can still give no token: a tokenizer whose normaliser drops it (control or format
+            # characters, for instance) would leave nothing to train on.
+            raise DataError(where[i] if where is not None else f"record {i}", "tokenises to no tokens", field)
     return ids
 
 
 def _prompts(
-    records: Sequence[Mapping[str, str]], tokenizer: Tokenizer, max_len: int, stats: TruncationStats
+    records: Sequence[Mapping[str, str]],
+    tokenizer: Tokenizer,
+    max_len: int,
+    stats: TruncationStats,
+    where: Sequence[str] | None,
 ) -> list[list[int]]:
     out = []
-    for ids in _encode(records, "prompt", tokenizer, max_len):
+    for ids in _encode(records, "prompt", tokenizer, max_len, where):
         if len(ids) > max_len:
             stats.truncated_prompts += 1
             ids = ids[-max_len:]
@@ -155,10 +175,15 @@ def _prompts(
 
 
 def _responses(
-    records: Sequence[Mapping[str, str]], field: str, tokenizer: Tokenizer, max_len: int, stats: TruncationStats
+    records: Sequence[Mapping[str, str]],
+    field: str,
+    tokenizer: Tokenizer,
+    max_len: int,
+    stats: TruncationStats,
+    where: Sequence[str] | None,
 ) -> list[list[int]]:
     out = []
-    for ids in _encode(records, field, tokenizer, max_len):
+    for ids in _encode(records, field, tokenizer, max_len, where):
         stats.responses += 1
         if len(ids) < max_len:  # the whole response and its EOS fit
             ids.append(tokenizer.eos_id)

@@ -77,11 +77,13 @@ class JsonlData(NamedTuple):
         records: one dict per valid line, holding exactly the fields of its kind (all non-empty strings).
         skipped: how many lines were skipped (``on_error="skip"``); 0 with ``on_error="raise"``.
         reasons: the messages of the first :data:`MAX_REASONS` skipped lines.
+        lines: the 1-based line of each record, so that a later error about a record (tokenisation) can name it.
     """
 
     records: list[dict[str, str]]
     skipped: int
     reasons: list[str]
+    lines: list[int]
 
 
 def read_jsonl(
@@ -116,6 +118,7 @@ def read_jsonl(
 
     fields = SCHEMAS[kind]
     records: list[dict[str, str]] = []
+    lines: list[int] = []
     skipped = 0
     reasons: list[str] = []
     with open(path, "rb") as f:
@@ -123,8 +126,13 @@ def read_jsonl(
             where = f"{path_str}:{lineno}"
             try:
                 if raw is None:
-                    raise DataError(where, f"line longer than max_line_bytes={max_line_bytes}")
+                    raise DataError(
+                        where,
+                        f"line longer than max_line_bytes={max_line_bytes} (raise the limit if "
+                        "records this long are intended; a file without newlines is one line)",
+                    )
                 records.append(_parse_line(raw, fields, where, first=lineno == 1))
+                lines.append(lineno)
             except DataError as err:
                 if on_error == "raise":
                     raise
@@ -134,7 +142,7 @@ def read_jsonl(
     if not records:
         detail = f" ({skipped} bad lines skipped, first: {reasons[0]})" if skipped else ""
         raise DataError(path_str, f"no records{detail}")
-    return JsonlData(records, skipped, reasons)
+    return JsonlData(records, skipped, reasons, lines)
 
 
 def _lines(f: IO[bytes], max_line_bytes: int | None) -> Iterator[bytes | None]:

@@ -32,12 +32,15 @@ from rlhf_lightning.data.collate import (
     tokenize_prompts,
     tokenize_sft,
 )
-from rlhf_lightning.data.jsonl import read_jsonl
+from rlhf_lightning.data.jsonl import JsonlData, read_jsonl
 from rlhf_lightning.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from rlhf_lightning.models.sampling import PolicyBackbone, SamplingConfig, generate
 from rlhf_lightning.world import WORDS, Annotators, GoldJudge, JudgeConfig, WorldConfig, write_world
 from rlhf_lightning.world.annotators import Ended
 from rlhf_lightning.world.writer import META_FILE as WORLD_META
+
+#: The default longest JSONL line, in bytes (see ``max_line_bytes`` of :class:`RLHFDataModule`).
+MAX_LINE_BYTES = 1 << 20
 
 
 class RLHFDataModule(L.LightningDataModule):
@@ -55,7 +58,13 @@ class RLHFDataModule(L.LightningDataModule):
         eval_prompts: how many responses validation samples, cycling through the held-out prompts.
         eval_prompts_file: JSONL of ``{"prompt"}`` records; default ``data_dir/prompts_val.jsonl``.
         on_error: "raise" on a malformed record, or "skip" it (counted and logged as data/skipped).
-        num_workers: DataLoader worker processes.
+        max_line_bytes: a JSONL line longer than this is a malformed record (read no further than the limit, so a
+            file without newlines never fills the memory); None: no limit. 1 MiB by default: a record that long is
+            far beyond any token budget here (it would be truncated to a few hundred tokens) and is almost always a
+            broken file, e.g. records written without newlines; raise it for genuinely long documents.
+        num_workers: DataLoader worker processes. Records are read, validated and tokenised in ``setup``, in the
+            main process, before any loader exists: workers only pad ready examples, so a bad record is reported
+            there with its file and line and never reaches (or crashes) a worker.
     """
 
     def __init__(
@@ -70,6 +79,7 @@ class RLHFDataModule(L.LightningDataModule):
         eval_prompts: int = 256,
         eval_prompts_file: str | None = None,
         on_error: Literal["raise", "skip"] = "raise",
+        max_line_bytes: int | None = MAX_LINE_BYTES,
         num_workers: int = 0,
     ):
         super().__init__()
@@ -111,7 +121,7 @@ class RLHFDataModule(L.LightningDataModule):
         texts = []
         for path in sorted(self.data_dir.glob("*.jsonl")):
             kind = "preference" if path.name.startswith("prefs") else "sft" if path.name.startswith("sft") else "prompt"
-            for rec in read_jsonl(path, kind, on_error=self.hparams.on_error).records:
+            for rec in self._read_file(path, kind).records:
                 texts.extend(v for v in rec.values() if isinstance(v, str))
         if not texts:
             raise FileNotFoundError(f"no JSONL files in {self.data_dir} to train a tokenizer on; set tokenizer_path")
@@ -133,11 +143,15 @@ class RLHFDataModule(L.LightningDataModule):
         judge_cfg = meta.get("config", {}).get("judge")
         return GoldJudge(JudgeConfig(**judge_cfg) if judge_cfg else JudgeConfig())
 
-    def _read(self, name: str, kind: str, override: str | None = None) -> list[dict[str, str]]:
+    def _read_file(self, path: Path, kind: str) -> JsonlData:
+        return read_jsonl(path, kind, on_error=self.hparams.on_error, max_line_bytes=self.hparams.max_line_bytes)
+
+    def _read(self, name: str, kind: str, override: str | None = None) -> tuple[list[dict[str, str]], list[str]]:
+        """The valid records of a data file, and ``"path:line"`` of each (for tokenisation errors)."""
         path = self.file(name, override)
-        data = read_jsonl(path, kind, on_error=self.hparams.on_error)
+        data = self._read_file(path, kind)
         self.data_stats[f"data/skipped/{path.stem}"] = float(data.skipped)
-        return data.records
+        return data.records, [f"{path}:{line}" for line in data.lines]
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
@@ -148,10 +162,11 @@ class RLHFDataModule(L.LightningDataModule):
     def eval_prompts(self) -> tuple[list[str], dict[str, torch.Tensor]]:
         """The fixed held-out prompts validation samples for: their texts and a left-padded batch."""
         if self._eval is None:
-            records = self._read("prompts_val.jsonl", "prompt", self.hparams.eval_prompts_file)
+            records, where = self._read("prompts_val.jsonl", "prompt", self.hparams.eval_prompts_file)
             # Cycle through the prompts up to eval_prompts samples: a small prompt set still gives a stable figure.
-            records = [records[i % len(records)] for i in range(self.hparams.eval_prompts)]
-            examples = tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len)[0]
+            cycle = [i % len(records) for i in range(self.hparams.eval_prompts)]
+            records, where = [records[i] for i in cycle], [where[i] for i in cycle]
+            examples = tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len, where)[0]
             self._eval = ([r["prompt"] for r in records], collate_prompts(examples, self.tokenizer.pad_id))
         return self._eval
 
@@ -161,13 +176,18 @@ class RLHFDataModule(L.LightningDataModule):
         The prompts come from ``data_dir/prompts_train.jsonl`` when it exists, else from the phase's training records.
         """
         path = self.data_dir / "prompts_train.jsonl"
-        prompts = [r["prompt"] for r in self._read(path.name, "prompt")] if path.is_file() else self.train_prompts
+        if path.is_file():
+            records, where = self._read(path.name, "prompt")
+            prompts = [r["prompt"] for r in records]
+        else:  # the phase's training prompts, which setup tokenised already
+            prompts, where = self.train_prompts, None
         if not prompts:
             raise ValueError(f"no training prompts: neither {path} nor training records with prompts")
         # device="cpu" explicitly: configure_model hooks run under Lightning's default-device context (CUDA on a GPU).
         idx = torch.randint(len(prompts), (n,), generator=torch.Generator().manual_seed(seed), device="cpu").tolist()
         records = [{"prompt": prompts[i]} for i in idx]
-        return collate_prompts(tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len)[0],
+        where = [where[i] for i in idx] if where is not None else None
+        return collate_prompts(tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len, where)[0],
                                self.tokenizer.pad_id)  # fmt: skip
 
     def _loader(self, examples: list, collate, shuffle: bool) -> DataLoader:
@@ -193,7 +213,8 @@ class _SplitDataModule(RLHFDataModule):
         self.train_examples: list = []
         self.val_examples: list = []
 
-    def tokenize(self, records: list[dict[str, str]]):
+    def tokenize(self, records: list[dict[str, str]], where: list[str]):
+        """Examples and truncation statistics of a split's records; ``where`` names each record ("path:line")."""
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
@@ -201,10 +222,10 @@ class _SplitDataModule(RLHFDataModule):
         if self.train_examples:
             return
         for split, override in (("train", self.hparams.train_file), ("val", self.hparams.val_file)):
-            records = self._read(f"{self.PREFIX}_{split}.jsonl", self.KIND, override)
+            records, where = self._read(f"{self.PREFIX}_{split}.jsonl", self.KIND, override)
             if split == "train":
                 self.train_prompts = list(dict.fromkeys(r["prompt"] for r in records))
-            examples, stats = self.tokenize(records)
+            examples, stats = self.tokenize(records, where)
             setattr(self, f"{split}_examples", examples)
             for key, value in asdict(stats).items():
                 self.data_stats[f"data/{key}/{self.PREFIX}_{split}"] = float(value)
@@ -224,8 +245,9 @@ class SFTDataModule(_SplitDataModule):
 
     PREFIX, KIND = "sft", "sft"
 
-    def tokenize(self, records: list[dict[str, str]]):
-        return tokenize_sft(records, self.tokenizer, self.hparams.max_prompt_len, self.hparams.max_response_len)
+    def tokenize(self, records: list[dict[str, str]], where: list[str]):
+        h = self.hparams
+        return tokenize_sft(records, self.tokenizer, h.max_prompt_len, h.max_response_len, where)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_examples, collate_sft, shuffle=True)
@@ -280,9 +302,9 @@ class PreferenceDataModule(_SplitDataModule):
         self._split_prompts: dict[str, list[str]] = {}
         self._policy_pairs_seed: int | None = None
 
-    def tokenize(self, records: list[dict[str, str]]):
+    def tokenize(self, records: list[dict[str, str]], where: list[str]):
         h = self.hparams
-        return tokenize_preferences(records, self.tokenizer, h.max_prompt_len, h.max_response_len)
+        return tokenize_preferences(records, self.tokenizer, h.max_prompt_len, h.max_response_len, where)
 
     def on_split_loaded(self, split: str, records: list[dict[str, str]]) -> None:
         self._split_prompts[split] = [r["prompt"] for r in records]
@@ -415,8 +437,8 @@ class PromptDataModule(RLHFDataModule):
         super().setup(stage)
         if self._train:
             return
-        records = self._read("prompts_train.jsonl", "prompt", self.hparams.train_file)
-        examples, stats = tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len)
+        records, where = self._read("prompts_train.jsonl", "prompt", self.hparams.train_file)
+        examples, stats = tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len, where)
         self.train_prompts = [r["prompt"] for r in records]
         self._train = examples
         for key, value in asdict(stats).items():

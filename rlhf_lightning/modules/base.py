@@ -61,14 +61,20 @@ class PhaseModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(RLHF_KEY) or {}
+        # Resuming (fit(ckpt_path=...)) is the case where a user may give the wrong file: name it.
+        path = getattr(self._trainer, "ckpt_path", None)
+        which = f"checkpoint {path}" if path else "the checkpoint"
         if meta.get("phase") != self.PHASE:
-            raise ValueError(f"{type(self).__name__} cannot load a checkpoint of phase {meta.get('phase')!r}")
+            raise ValueError(
+                f"{type(self).__name__} cannot load {which}: it is from the {meta.get('phase')!r} phase, but a "
+                f"{self.PHASE!r} checkpoint is needed here"
+            )
         saved = tokenizer_from_meta(meta)
         if not self.built:  # loaded outside a Trainer: the checkpoint alone rebuilds everything
             self.tokenizer = saved
             self.build_from_checkpoint(meta)
         elif saved.fingerprint() != self.tokenizer.fingerprint():
-            raise ValueError("the checkpoint's tokenizer differs from the data module's; resume with the same one")
+            raise ValueError(f"the tokenizer of {which} differs from the data module's; resume with the same one")
 
     def on_train_start(self) -> None:
         # Skipped and truncated records are counted by the data module; the logger keeps them with the run.

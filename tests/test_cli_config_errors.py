@@ -1,0 +1,45 @@
+"""Config mistakes through the real ``rlhf fit`` entry: a key that does not exist (on the command line or misspelled
+in a YAML file) or a value of the wrong type exits with status 2 and a message naming the key, before anything is
+built or written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rlhf_lightning.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+UNKNOWN = "is not accepted"
+#: (extra arguments or YAML text, what the message must say: the key and what is wrong with it)
+CASES = {
+    "cli_unknown_model_key": (["--model.init_args.no_such_key=1"], f"Option 'no_such_key' {UNKNOWN}"),
+    "cli_unknown_nested_key": (["--model.init_args.backbone.n_layerz=2"], "NestedArg(key='n_layerz'"),
+    "cli_wrong_type": (
+        ["--trainer.max_steps=ten"],
+        "\"trainer.max_steps\":\n  Expected a <class 'int'>. Got value: ten",
+    ),
+    "yaml_misspelled_model_key": (
+        "model:\n  init_args:\n    learning_rate: 0.1\n",
+        f"Option 'learning_rate' {UNKNOWN}",
+    ),
+    "yaml_misspelled_data_key": ("data:\n  init_args:\n    batchsize: 3\n", f"Option 'batchsize' {UNKNOWN}"),
+    "yaml_misspelled_section": ("trainr:\n  max_steps: 3\n", "does not accept option 'trainr.max_steps'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_config_mistake_exits_naming_the_key(tmp_path, monkeypatch, capsys, case):
+    given, message = CASES[case]
+    monkeypatch.chdir(tmp_path)
+    if isinstance(given, str):  # a second config file over the phase's, as a preset is given
+        (tmp_path / "mine.yaml").write_text(given)
+        given = ["-c", "mine.yaml"]
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "-c", str(CONFIGS / "sft.yaml"), *given])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["mine.yaml"] if case.startswith("yaml") else [])
