@@ -51,6 +51,7 @@ from rlhf_lightning.rl import (
     kl_controller,
     masked_mean,
     per_token_kl,
+    remove_length_trend,
     shape_rewards,
     whiten,
 )
@@ -128,6 +129,9 @@ class PPOModule(PhaseModule):
         kl_in_loss: put ``beta * k(logp, ref_logp)`` in the loss instead of the reward (GRPO style).
         score_clip: scores are clipped to +- score_clip (None: no clipping).
         score_norm: "none", or "running": scores standardised by running statistics of all scores so far.
+        length_debias: take out of each rollout's scores their straight-line trend in response length (a fix for a
+            length-biased reward model; see :func:`~rlhf_lightning.rl.rewards.remove_length_trend`). The proxy
+            reward logged stays the reward source's own; ``objective/length_slope`` logs the slope removed.
         missing_eos_penalty: added to the score of a response that never emitted EOS.
         target_approx_kl: stop an iteration's epochs once the mean approximate KL to the rollout policy exceeds it.
         eval_every: iterations between evaluations on the held-out prompts (and the last iteration).
@@ -183,6 +187,7 @@ class PPOModule(PhaseModule):
         kl_in_loss: bool = False,
         score_clip: float | None = 5.0,
         score_norm: Literal["none", "running"] = "none",
+        length_debias: bool = False,
         missing_eos_penalty: float = -1.0,
         target_approx_kl: float | None = None,
         eval_every: int = 10,
@@ -459,11 +464,13 @@ class PPOModule(PhaseModule):
         values = self._values(ids, mask, p, resp_mask.shape[1])
         raw_scores = self._scores(prompts, responses, prompt_ids, prompt_mask, out.response_ids, resp_mask, out.ended)
         self._check_finite("reward (the scores of the reward source)", raw_scores, iteration)
-        scores = raw_scores
+        scores, length_slope = raw_scores, None
+        if h.length_debias:
+            scores, length_slope = remove_length_trend(raw_scores, resp_mask.sum(-1))
         if h.score_norm == "running":
             # All ranks' scores: every rank normalises with the same statistics and checkpoints the same state.
-            self.score_moments.update(self.trainer.strategy.all_gather(raw_scores))
-            scores = (raw_scores - self.score_moments.mean) / self.score_moments.std
+            self.score_moments.update(self.trainer.strategy.all_gather(scores))
+            scores = (scores - self.score_moments.mean) / self.score_moments.std
         kl = per_token_kl(logp, ref_logp, resp_mask, h.kl_estimator, full_kl)
         beta = self.kl_ctl.value
         shaped = shape_rewards(scores, torch.zeros_like(kl) if h.kl_in_loss else kl, resp_mask, beta, out.ended,
@@ -492,6 +499,8 @@ class PPOModule(PhaseModule):
         if judge is not None:  # with the judge as the reward source its scores are already at hand
             gold = raw_scores if h.reward_source == "gold" else judge.score(prompts, responses, out.ended.cpu().numpy())
             metrics["objective/gold_reward"] = float(gold.mean())
+        if length_slope is not None:
+            metrics["objective/length_slope"] = length_slope
         if self.reward_model is not None and self.reward_model.n_members > 1:
             metrics["objective/ensemble_std"] = float(self._last_ensemble_std)
         info = {"metrics": metrics, "generate_s": t1 - t0, "score_s": t2 - t1, "tokens": int(resp_mask.sum())}

@@ -12,7 +12,13 @@ from rlhf_lightning.rl.kl import (
     kl_controller,
     per_token_kl,
 )
-from rlhf_lightning.rl.rewards import RunningMoments, ShapedRewards, last_real_index, shape_rewards
+from rlhf_lightning.rl.rewards import (
+    RunningMoments,
+    ShapedRewards,
+    last_real_index,
+    remove_length_trend,
+    shape_rewards,
+)
 from rlhf_lightning.rl.types import Rollout
 
 __all__ = [
@@ -32,6 +38,7 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "per_token_kl",
+    "remove_length_trend",
     "shape_rewards",
     "whiten",
 ]

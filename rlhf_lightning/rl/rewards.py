@@ -59,6 +59,29 @@ def shape_rewards(
     return ShapedRewards(rewards, score, penalty)
 
 
+def remove_length_trend(scores: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Scores with their least-squares straight line in response length taken out, and that line's slope.
+
+    A reward model trained on length-biased labels pays for length itself, and PPO learns to ramble for it. Fitting
+    the line on each rollout's own responses makes length worth nothing on average at every iteration, whatever the
+    size of the bias, so nothing needs tuning; the price is that a length preference the gold raters share is
+    removed too. The batch mean of the scores is kept, so the reward's level (and its running statistics) is not
+    shifted.
+
+    Args:
+        scores: (B,) sequence scores.
+        lengths: (B,) response lengths in tokens.
+    Returns:
+        (B,) ``scores - slope * (lengths - mean length)``, and ``slope`` (0 when every length is the same).
+    """
+    x = lengths.to(scores.dtype) - lengths.to(scores.dtype).mean()
+    var = float((x * x).mean())
+    if var == 0.0:
+        return scores, 0.0
+    slope = float(((scores - scores.mean()) * x).mean()) / var
+    return scores - slope * x, slope
+
+
 class RunningMoments:
     """Running mean and standard deviation of a stream of scores (Chan et al.'s parallel update, in fp64).
 

@@ -156,8 +156,9 @@ def test_resume_repeats_the_uninterrupted_run_exactly(base, tmp_path):
         {"kl_estimator": "k3", "kl_in_loss": True, "critic": "shared"},
         {"kl_controller": "annealed", "kl_floor": 0.01, "kl_anneal_iterations": 2, "entropy_coef": 0.01,
          "target_approx_kl": 1e-9},
+        {"length_debias": True, "score_norm": "running"},
     ],
-    ids=["full-kl", "kl-in-loss-shared-critic", "annealed-entropy-early-stop"],
+    ids=["full-kl", "kl-in-loss-shared-critic", "annealed-entropy-early-stop", "length-debias"],
 )  # fmt: skip
 def test_options_run_and_log_finite_metrics(base, tmp_path, options):
     module = make_module(base, iterations=2, ppo_epochs=2, **options)
@@ -173,6 +174,10 @@ def test_options_run_and_log_finite_metrics(base, tmp_path, options):
     if options.get("target_approx_kl"):
         assert logged["policy/epochs"] == {0: 1.0, 1: 1.0}  # stopped after the first epoch each time
         assert logged["objective/kl_coef"][1] < logged["objective/kl_coef"][0]
+    if options.get("length_debias"):
+        assert sorted(logged["objective/length_slope"]) == [0, 1]
+    else:
+        assert "objective/length_slope" not in logged
 
 
 def test_checkpoint_leaves_out_the_frozen_models_and_reloads(base, tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlhf_lightning.rl import RunningMoments, last_real_index, shape_rewards
+from rlhf_lightning.rl import RunningMoments, last_real_index, remove_length_trend, shape_rewards
 
 
 def test_score_lands_on_the_last_real_token_and_kl_everywhere() -> None:
@@ -43,3 +43,22 @@ def test_running_moments_match_the_whole_stream() -> None:
     copy = RunningMoments()
     copy.load_state_dict(m.state_dict())
     assert (copy.mean, copy.std, copy.count) == (m.mean, m.std, m.count)
+
+
+def test_remove_length_trend_takes_out_the_line_and_keeps_the_mean():
+    lengths = torch.tensor([4, 8, 12, 16])
+    quality = torch.tensor([0.5, -0.5, -0.5, 0.5])  # uncorrelated with length: (x - mean) . quality = 0
+    scores = 1.0 + 0.25 * lengths + quality
+    out, slope = remove_length_trend(scores, lengths)
+    assert slope == pytest.approx(0.25)
+    torch.testing.assert_close(out, scores.mean() + quality)
+    assert float(out.mean()) == pytest.approx(float(scores.mean()))
+    # what is left no longer follows length
+    x = lengths.float() - lengths.float().mean()
+    assert float((x * (out - out.mean())).sum()) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_remove_length_trend_leaves_equal_lengths_alone():
+    scores = torch.tensor([1.0, -2.0, 3.0])
+    out, slope = remove_length_trend(scores, torch.tensor([5, 5, 5]))
+    assert slope == 0.0 and torch.equal(out, scores)
