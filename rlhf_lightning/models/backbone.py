@@ -1,7 +1,8 @@
 """Building a policy backbone from a config, and rebuilding it from what a checkpoint recorded.
 
-A checkpoint records ``backbone_spec(model)``: the kind ("tinygpt" or "hf") and the full model config, so the
-weights in its state dict can be loaded into a freshly built model without any file besides the checkpoint.
+A checkpoint records ``backbone_spec(model)``: the kind ("tinygpt", "hf", or "lora": the spec of the adapted backbone
+and the adapters' config) and the full model config, so the weights in its state dict can be loaded into a freshly
+built model without any file besides the checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from rlhf_lightning.models.hf import HFCausalLM
+from rlhf_lightning.models.lora import LoRABackbone, LoRAConfig
 from rlhf_lightning.models.tinygpt import GPTConfig, TinyGPT
 
 
@@ -44,6 +46,8 @@ def backbone_spec(model: nn.Module) -> dict:
         return {"kind": "tinygpt", "config": model.config.to_dict()}
     if isinstance(model, HFCausalLM):
         return {"kind": "hf", "config": model.model.config.to_dict()}
+    if isinstance(model, LoRABackbone):
+        return {"kind": "lora", "base": backbone_spec(model.base), "lora": model.config.to_dict()}
     raise TypeError(f"unsupported backbone type {type(model).__name__}")
 
 
@@ -57,4 +61,6 @@ def backbone_from_spec(spec: dict) -> nn.Module:
         cfg = dict(spec["config"])
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         return HFCausalLM(AutoModelForCausalLM.from_config(config))
+    if spec.get("kind") == "lora":
+        return LoRABackbone(backbone_from_spec(spec["base"]), LoRAConfig(**spec["lora"]))
     raise ValueError(f"unknown backbone kind {spec.get('kind')!r} in checkpoint")
