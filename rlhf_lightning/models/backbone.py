@@ -21,10 +21,16 @@ def build_backbone(config: GPTConfig, vocab_size: int, hf_model_path: str | None
     """A TinyGPT of ``config`` with the tokenizer's vocabulary, or the local Hugging Face model at ``hf_model_path``.
 
     Raises:
+        FileNotFoundError: ``hf_model_path`` is not a directory holding a config.json.
         ValueError: config.vocab_size is set and differs from the tokenizer's, or the HF model's vocabulary is
             smaller than the tokenizer's.
     """
     if hf_model_path:
+        if not (Path(hf_model_path) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"hf_model_path {hf_model_path}: not a local Hugging Face model directory (no config.json there); "
+                "`rlhf hf-tiny --out DIR` writes a tiny one"
+            )
         model = HFCausalLM.from_pretrained(Path(hf_model_path))
         if model.vocab_size < vocab_size:
             raise ValueError(
