@@ -199,6 +199,8 @@ class PPOModule(PhaseModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        # The argument, not hparams.lora: under LightningCLI the saved hyperparameters hold the parsed config (dicts).
+        self.lora = lora
         self._check_config()
         self.sampling = sampling or SamplingConfig(max_new_tokens=32, temperature=1.0)
         self.kl_ctl = kl_controller_from(self.hparams)
@@ -237,7 +239,7 @@ class PPOModule(PhaseModule):
             raise ValueError(f"critic must be 'separate' or 'shared', got {h.critic!r}")
         if h.score_norm not in ("none", "running"):
             raise ValueError(f"score_norm must be 'none' or 'running', got {h.score_norm!r}")
-        if h.lora is not None:
+        if self.lora is not None:
             require_peft()  # at configuration time, not minutes later in configure_model
         paths = {"sft_checkpoint": h.sft_checkpoint}
         if h.reward_source == "model":
@@ -268,7 +270,7 @@ class PPOModule(PhaseModule):
             )
         self.tokenizer = tokenizer
         self.policy = policy
-        if h.lora is None:
+        if self.lora is None:
             self.ref_policy = _freeze(copy.deepcopy(policy))
         trunk, head_init = policy, None
         if h.reward_source == "model":
@@ -291,9 +293,9 @@ class PPOModule(PhaseModule):
             self.critic_backbone.requires_grad_(True)
             if head_init is not None:
                 self._init_value_head_from_reward(head_init)
-        if h.lora is not None:
+        if self.lora is not None:
             # Wrapped last: peft changes the backbone in place, and a critic copied from it must not carry adapters.
-            self.policy = LoRABackbone(policy, h.lora, seed=h.seed)
+            self.policy = LoRABackbone(policy, self.lora, seed=h.seed)
             self.ref_policy = AdaptersDisabled(self.policy)
 
     @torch.no_grad()

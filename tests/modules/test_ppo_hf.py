@@ -28,7 +28,7 @@ from rlhf_lightning.models.lora import LoRABackbone, LoRAConfig
 from rlhf_lightning.models.sampling import SamplingConfig, generate
 from rlhf_lightning.models.tinygpt import GPTConfig
 from rlhf_lightning.modules.reward import load_sft_backbone
-from rlhf_lightning.pipeline import combine_presets, load_preset, phase_configs, pipeline_main
+from rlhf_lightning.pipeline import pipeline_main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 #: A small world (the default one is sized for real runs); a preset, so every phase asks for the same one.
@@ -54,6 +54,17 @@ def base(tmp_path_factory) -> Path:
     main(["pipeline", "--out", str(root / "run"), "--hf-model", str(model_dir), "--preset", str(preset),
           "--no-diagnose", *TINY_PIPELINE_ARGS])  # fmt: skip
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def lora_run(base) -> Path:
+    """PPO with the LoRA preset through the CLI, from the pipeline's SFT and reward-model checkpoints."""
+    out = base.parent / "lora"
+    main(["pipeline", "--out", str(out), "--hf-model", str(base.parent / "tiny-gpt2"), "--preset",
+          str(CONFIGS / "hf/lora.yaml"), "--sft-checkpoint", str(base / "runs/sft/checkpoints/last.ckpt"),
+          "--rm-checkpoint", str(base / "runs/rm/checkpoints/last.ckpt"), "--data-dir", str(base / "runs/world"),
+          "--no-diagnose", "--ppo-args", " ".join(PPO_TINY)])  # fmt: skip
+    return out
 
 
 def tokenizer_of(base: Path) -> Tokenizer:
@@ -108,7 +119,7 @@ def test_exported_hf_policy_generates_the_checkpoints_greedy_tokens(base, tmp_pa
 
 
 def test_lora_starts_at_zero_kl_and_trains_only_the_adapters_against_the_sft_policy(base, tmp_path):
-    module = make_module(base, iterations=1, lora=LORA, lr=1e-2)
+    module = make_module(base, iterations=1, lora=LORA, lr=1e-2, eval_groups=2)
     before: dict[str, torch.Tensor] = {}
 
     class Snapshot(Callback):
@@ -143,9 +154,22 @@ def test_lora_starts_at_zero_kl_and_trains_only_the_adapters_against_the_sft_pol
         assert not torch.allclose(untrained(ids, mask)[mask], sft(ids, mask)[mask])
 
 
-def test_lora_resume_repeats_the_run_and_export_merges_the_adapters(base, tmp_path):
+def test_lora_through_the_cli_starts_at_zero_kl_and_exports_merged(base, lora_run, tmp_path):
+    ckpt = lora_run / "runs/ppo/checkpoints/last.ckpt"
+    assert load_checkpoint(ckpt)[RLHF_KEY]["backbone"]["kind"] == "lora"
+    logged = read_scalars(lora_run / "runs/ppo")
+    assert logged["objective/kl"][0] == 0.0 and logged["objective/kl"][1] != 0.0
+    assert all(math.isfinite(v) for series in logged.values() for v in series.values())
+    main(["export", str(ckpt), "--out", str(tmp_path / "export")])
+    from safetensors.torch import load_file
+
+    assert not any("lora" in key for key in load_file(tmp_path / "export/model.safetensors"))
+    assert_same_greedy_tokens(tmp_path / "export", policy_of(ckpt), base)
+
+
+def test_lora_resume_repeats_the_uninterrupted_run(base, tmp_path):
     tokenizer_path = str(base / "runs/sft/checkpoints")
-    opts = {"iterations": 2, "lora": LORA, "lr": 1e-2}
+    opts = {"iterations": 2, "lora": LORA, "lr": 1e-2, "eval_groups": 2}
     fit(base, tmp_path / "whole", make_module(base, **opts), tokenizer_path=tokenizer_path)
     fit(base, tmp_path / "cut", make_module(base, **opts), stop_after=1, tokenizer_path=tokenizer_path)
     last = tmp_path / "cut/ckpt/last.ckpt"
@@ -153,13 +177,6 @@ def test_lora_resume_repeats_the_run_and_export_merges_the_adapters(base, tmp_pa
     whole, cut = scalars(tmp_path / "whole/ppo"), scalars(tmp_path / "cut/ppo")
     for tag in RESUME_TAGS:
         assert whole[tag] == cut[tag], tag
-
-    ckpt = tmp_path / "whole/ckpt/last.ckpt"
-    main(["export", str(ckpt), "--out", str(tmp_path / "export")])
-    from safetensors.torch import load_file
-
-    assert not any("lora" in key for key in load_file(tmp_path / "export/model.safetensors"))
-    assert_same_greedy_tokens(tmp_path / "export", policy_of(ckpt), base)
 
 
 def test_missing_paths_name_their_setting(tmp_path, capsys):
@@ -172,11 +189,9 @@ def test_missing_paths_name_their_setting(tmp_path, capsys):
     assert "--hf-model" in capsys.readouterr().err
 
 
-def test_lora_preset_and_flag_reach_the_ppo_module(tmp_path, capsys):
-    preset = phase_configs(combine_presets([load_preset(CONFIGS / "hf/lora.yaml")]), tmp_path)["ppo"]
-    for extra in (preset, ["--model.init_args.lora.r=8"]):
-        with pytest.raises(SystemExit) as done:
-            main(["fit", "-c", str(CONFIGS / "hf/ppo.yaml"), *extra, "--print_config"])
-        assert done.value.code in (0, None)
-        lora = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["lora"]
-        assert lora["r"] == 8 and lora["alpha"] == 16.0
+def test_lora_flag_reaches_the_ppo_module(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "-c", str(CONFIGS / "hf/ppo.yaml"), "--model.init_args.lora.r=8", "--print_config"])
+    assert done.value.code in (0, None)
+    lora = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["lora"]
+    assert lora["r"] == 8 and lora["alpha"] == 16.0
