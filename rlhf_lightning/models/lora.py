@@ -106,7 +106,10 @@ class LoRABackbone(nn.Module):
         lora = peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                target_modules=list(targets), bias="none")  # fmt: skip
         self.config = LoRAConfig(config.r, config.alpha, config.dropout, tuple(targets))
-        with torch.random.fork_rng():
+        # The adapters may be created on the current GPU (Lightning's configure_model device context): fork its RNG
+        # too, and only its, so that neither the CPU's nor any GPU's global stream moves.
+        devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             self.peft = peft.get_peft_model(backbone, lora)
 
