@@ -31,7 +31,9 @@ def build_backbone(config: GPTConfig, vocab_size: int, hf_model_path: str | None
                 f"hf_model_path {hf_model_path}: not a local Hugging Face model directory (no config.json there); "
                 "`rlhf hf-tiny --out DIR` writes a tiny one"
             )
-        model = HFCausalLM.from_pretrained(Path(hf_model_path))
+        # from_pretrained returns eval mode and Lightning keeps each submodule's mode: without train() the model's
+        # dropout would stay off during training, unlike a freshly built TinyGPT's.
+        model = HFCausalLM.from_pretrained(Path(hf_model_path)).train()
         if model.vocab_size < vocab_size:
             raise ValueError(
                 f"hf_model_path {hf_model_path}: the model has {model.vocab_size} token embeddings but the tokenizer "

@@ -149,7 +149,9 @@ def test_lora_starts_at_zero_kl_and_trains_only_the_adapters_against_the_sft_pol
         policy = torch.log_softmax(module.policy(ids, mask) @ module.policy.lm_head_weight.T, -1)
     assert torch.equal(reference[mask], expected[mask])
     assert not torch.allclose(policy[mask], expected[mask])
-    untrained = build_backbone(GPTConfig(), 1, str(base.parent / "tiny-gpt2")).eval()
+    untrained = build_backbone(GPTConfig(), 1, str(base.parent / "tiny-gpt2"))
+    assert untrained.training  # SFT trains it with its dropout on, like a freshly built TinyGPT
+    untrained.eval()
     with torch.no_grad():
         assert not torch.allclose(untrained(ids, mask)[mask], sft(ids, mask)[mask])
 
