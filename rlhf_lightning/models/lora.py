@@ -107,7 +107,8 @@ class LoRABackbone(nn.Module):
                                target_modules=list(targets), bias="none")  # fmt: skip
         self.config = LoRAConfig(config.r, config.alpha, config.dropout, tuple(targets))
         # The adapters may be created on the current GPU (Lightning's configure_model device context): fork its RNG
-        # too, and only its, so that neither the CPU's nor any GPU's global stream moves.
+        # too (only its: forking every visible GPU would open a context on each), so that neither the CPU's nor this
+        # GPU's global stream moves.
         devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
