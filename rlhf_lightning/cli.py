@@ -5,6 +5,7 @@
     rlhf pipeline --out runs/pipeline   # world -> SFT -> reward model -> PPO -> diagnosis (the main job)
     rlhf diagnose runs/ppo [--out DIR]  # findings (evidence, causes, fixes) and plots of one or more runs
     rlhf export CKPT --out DIR          # a checkpoint as a Hugging Face model directory (safetensors + tokenizer)
+    rlhf hf-tiny --out DIR              # a tiny local Hugging Face GPT-2 + tokenizer for the embedded world
 
 ``fit`` (and validate/test) take the module and data module classes from the config's ``class_path``, so one
 command serves every phase. Checkpoints are written atomically (temporary file, fsync, rename).
@@ -72,6 +73,7 @@ SUBCOMMANDS = {
     "diagnose": "rlhf_lightning.diagnose.report:main",
     "pipeline": "rlhf_lightning.pipeline:pipeline_main",
     "export": "rlhf_lightning.export:export_main",
+    "hf-tiny": "rlhf_lightning.hf_tiny:hf_tiny_main",
 }
 
 

@@ -5,7 +5,9 @@
   TinyGPT is converted to the equivalent ``GPT2LMHeadModel``: both are pre-norm transformers with learned positions,
   LayerNorm (eps 1e-5) with bias, biased linear layers, exact GELU in a 4x MLP, attention scaled by 1/sqrt(head_dim)
   and an LM head tied to the token embedding. TinyGPT's ``qkv`` (q, k, v in that order, heads contiguous) is GPT-2's
-  fused ``c_attn``; GPT-2's ``Conv1D`` stores weights as (in, out), so every linear weight is transposed.
+  fused ``c_attn``; GPT-2's ``Conv1D`` stores weights as (in, out), so every linear weight is transposed. A LoRA
+  policy (PPO with ``lora``) is exported with its adapters merged into the weights (peft's ``merge_and_unload``): a
+  plain model of its backbone's kind, checked on a probe against the adapted one.
 * A reward checkpoint (phase "reward") becomes a sequence-classification model (``AutoModelForSequenceClassification``)
   with one label per ensemble member: ``logits[:, k]`` is member k's *raw* score, ``RewardModel.raw_members``, of the
   last non-pad token of a right-padded sequence (``config.pad_token_id`` is the tokenizer's pad). The normalisation
@@ -37,6 +39,7 @@ from rlhf_lightning.checkpoint import RLHF_KEY, load_checkpoint
 from rlhf_lightning.data.tokenizer import Tokenizer
 from rlhf_lightning.models.backbone import backbone_from_spec
 from rlhf_lightning.models.hf import HFCausalLM
+from rlhf_lightning.models.lora import LoRABackbone
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.models.tinygpt import TinyGPT
 
@@ -68,9 +71,7 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, force: bo
         ValueError: a corrupt checkpoint, an unsupported phase, weights that do not fit the recorded model, or a
             reward model that cannot be expressed as one sequence-classification model.
     """
-    out = Path(out)
-    if out.exists() and not force and not (out.is_dir() and not any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; pass --force (force=True) to replace it")
+    out = check_output_dir(out, force)
     ckpt = load_checkpoint(path)
     meta = ckpt[RLHF_KEY]
     phase = meta.get("phase")
@@ -92,14 +93,28 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, force: bo
         _load_weights(backbone, state, POLICY_PREFIXES[phase], path)
         model = policy_to_hf(backbone.eval(), tokenizer)
     model.config.rlhf_phase = phase
-    _write_atomically(model, tokenizer, out, padding_side="right" if phase == "reward" else "left")
+    write_hf_directory(model, tokenizer, out, padding_side="right" if phase == "reward" else "left")
+    return out
+
+
+def check_output_dir(out: str | os.PathLike, force: bool) -> Path:
+    """``out`` as a Path, refused (FileExistsError) when it exists, is not an empty directory, and not ``force``."""
+    out = Path(out)
+    if out.exists() and not force and not (out.is_dir() and not any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; pass --force (force=True) to replace it")
     return out
 
 
 @torch.no_grad()
 def policy_to_hf(backbone: nn.Module, tokenizer: Tokenizer) -> nn.Module:
-    """A transformers causal LM with the logits of ``backbone`` (a TinyGPT or an HFCausalLM) and the tokenizer's
-    EOS and pad ids in its config and generation config."""
+    """A transformers causal LM with the logits of ``backbone`` (a TinyGPT, an HFCausalLM, or either with LoRA
+    adapters) and the tokenizer's EOS and pad ids in its config and generation config."""
+    if isinstance(backbone, LoRABackbone):
+        merged = backbone.merged().eval()
+        ids = _probe(merged)
+        _check_close(backbone(ids) @ backbone.lm_head_weight.T, merged(ids) @ merged.lm_head_weight.T,
+                     "merged LoRA logits")  # fmt: skip
+        backbone = merged
     if isinstance(backbone, HFCausalLM):
         model = backbone.model
     elif isinstance(backbone, TinyGPT):
@@ -257,7 +272,7 @@ def _check_close(expected: torch.Tensor, actual: torch.Tensor, what: str) -> Non
         )
 
 
-def _write_atomically(model: nn.Module, tokenizer: Tokenizer, out: Path, padding_side: str) -> None:
+def write_hf_directory(model: nn.Module, tokenizer: Tokenizer, out: Path, padding_side: str) -> None:
     """Saves the model (safetensors) and the tokenizer into a temporary sibling of ``out``, then renames it into
     place; an existing ``out`` is moved aside first and deleted after the rename."""
     import tokenizers

@@ -8,6 +8,10 @@ Each phase is an ordinary ``rlhf fit -c configs/<phase>.yaml`` run, started with
 directory, so the configs' relative paths (``runs/world``, ``runs/sft/checkpoints/last.ckpt``, ...) land inside it:
 ``OUT/runs/{world,sft,rm,ppo}``, then ``OUT/diagnose/`` (report and plots) and ``OUT/summary.json``.
 
+``--hf-model DIR`` (and ``--hf-tokenizer DIR``, default the model's directory) runs every phase on a local Hugging
+Face causal LM and its tokenizer: the configs become ``configs/hf/<phase>.yaml`` and the SFT phase gets the two paths
+(the later phases read the model from the SFT checkpoint and the tokenizer from beside it).
+
 Any phase can be replaced: ``--sft-checkpoint`` / ``--rm-checkpoint`` skip a phase and use that checkpoint;
 ``--data-dir`` points every phase at a user's own JSONL folder (no world is generated there); ``--sft-config`` etc.
 swap a phase's config; ``--sft-args`` etc. append command-line overrides (e.g. ``"--trainer.max_steps=100"``).
@@ -148,8 +152,10 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--sft-checkpoint", type=Path, help="skip SFT: start from this SFT checkpoint")
     parser.add_argument("--rm-checkpoint", type=Path, help="skip the reward model: use this checkpoint")
     parser.add_argument("--no-diagnose", action="store_true", help="skip the diagnosis at the end")
+    parser.add_argument("--hf-model", type=Path, help="a local Hugging Face causal-LM directory (configs/hf/)")
+    parser.add_argument("--hf-tokenizer", type=Path, help="its tokenizer directory (default: --hf-model)")
     for phase in PHASES:
-        parser.add_argument(f"--{phase}-config", type=Path, default=CONFIG_DIR / f"{phase}.yaml")
+        parser.add_argument(f"--{phase}-config", type=Path, help=f"default configs/<hf/>{phase}.yaml")
         parser.add_argument(f"--{phase}-args", default="", help=f"extra `rlhf fit` arguments of the {phase} phase")
     # "--ppo-args --x=1" would read the value as an option: join each such pair into "--ppo-args=--x=1" first.
     joined, i = [], 0
@@ -161,8 +167,16 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
             joined.append(argv[i])
             i += 1
     args = parser.parse_args(joined)
+    if args.hf_model is not None and not (args.hf_model / "config.json").is_file():
+        parser.error(f"--hf-model {args.hf_model} is not a Hugging Face model directory (no config.json)")
+    args.hf_tokenizer = args.hf_tokenizer or args.hf_model
+    if args.hf_tokenizer is not None and not (args.hf_tokenizer / "tokenizer.json").is_file():
+        parser.error(f"--hf-tokenizer {args.hf_tokenizer} is not a tokenizer directory (no tokenizer.json)")
     for phase in PHASES:
-        config = getattr(args, f"{phase}_config")
+        config = (
+            getattr(args, f"{phase}_config") or (CONFIG_DIR / "hf" if args.hf_model else CONFIG_DIR) / f"{phase}.yaml"
+        )
+        setattr(args, f"{phase}_config", config)
         if not config.is_file():
             parser.error(f"--{phase}-config {config} does not exist")
     for name in ("sft_checkpoint", "rm_checkpoint"):
@@ -186,8 +200,10 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
     tokenizer_file = sft_ckpt.parent / "tokenizer.json"
     reuse_tokenizer = args.sft_checkpoint is None or tokenizer_file.is_file()
     tokenizer = [f"--data.init_args.tokenizer_path={tokenizer_file}"] if reuse_tokenizer else []
+    hf = [f"--model.init_args.hf_model_path={args.hf_model.resolve()}"] if args.hf_model else []
+    hf += [f"--data.init_args.tokenizer_path={args.hf_tokenizer.resolve()}"] if args.hf_tokenizer else []
     plan = [
-        ("sft", args.sft_checkpoint is None, []),
+        ("sft", args.sft_checkpoint is None, hf),
         ("rm", args.rm_checkpoint is None, [f"--model.init_args.sft_checkpoint={sft_ckpt}", *tokenizer]),
         ("ppo", True, [f"--model.init_args.sft_checkpoint={sft_ckpt}",
                        f"--model.init_args.reward_checkpoint={rm_ckpt}", *tokenizer]),

@@ -131,8 +131,13 @@ class RLHFDataModule(L.LightningDataModule):
         return Tokenizer.train_word_level(texts, extra_words=extra)
 
     def load_tokenizer(self) -> Tokenizer:
-        path = self.hparams.tokenizer_path or self.data_dir / TOKENIZER_FILE
-        return Tokenizer.load(path)
+        path = self.hparams.tokenizer_path
+        if path is None:
+            return Tokenizer.load(self.data_dir / TOKENIZER_FILE)
+        try:
+            return Tokenizer.load(path)
+        except (FileNotFoundError, ValueError) as err:  # say which setting pointed there
+            raise type(err)(f"tokenizer_path: {err}") from err
 
     def _load_judge(self):
         meta_path = self.data_dir / WORLD_META

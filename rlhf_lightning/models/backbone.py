@@ -1,7 +1,8 @@
 """Building a policy backbone from a config, and rebuilding it from what a checkpoint recorded.
 
-A checkpoint records ``backbone_spec(model)``: the kind ("tinygpt" or "hf") and the full model config, so the
-weights in its state dict can be loaded into a freshly built model without any file besides the checkpoint.
+A checkpoint records ``backbone_spec(model)``: the kind ("tinygpt", "hf", or "lora": the spec of the adapted backbone
+and the adapters' config) and the full model config, so the weights in its state dict can be loaded into a freshly
+built model without any file besides the checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from rlhf_lightning.models.hf import HFCausalLM
+from rlhf_lightning.models.lora import LoRABackbone, LoRAConfig
 from rlhf_lightning.models.tinygpt import GPTConfig, TinyGPT
 
 
@@ -19,11 +21,19 @@ def build_backbone(config: GPTConfig, vocab_size: int, hf_model_path: str | None
     """A TinyGPT of ``config`` with the tokenizer's vocabulary, or the local Hugging Face model at ``hf_model_path``.
 
     Raises:
+        FileNotFoundError: ``hf_model_path`` is not a directory holding a config.json.
         ValueError: config.vocab_size is set and differs from the tokenizer's, or the HF model's vocabulary is
             smaller than the tokenizer's.
     """
     if hf_model_path:
-        model = HFCausalLM.from_pretrained(Path(hf_model_path))
+        if not (Path(hf_model_path) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"hf_model_path {hf_model_path}: not a local Hugging Face model directory (no config.json there); "
+                "`rlhf hf-tiny --out DIR` writes a tiny one"
+            )
+        # from_pretrained returns eval mode and Lightning keeps each submodule's mode: without train() the model's
+        # dropout would stay off during training, unlike a freshly built TinyGPT's.
+        model = HFCausalLM.from_pretrained(Path(hf_model_path)).train()
         if model.vocab_size < vocab_size:
             raise ValueError(
                 f"hf_model_path {hf_model_path}: the model has {model.vocab_size} token embeddings but the tokenizer "
@@ -44,6 +54,8 @@ def backbone_spec(model: nn.Module) -> dict:
         return {"kind": "tinygpt", "config": model.config.to_dict()}
     if isinstance(model, HFCausalLM):
         return {"kind": "hf", "config": model.model.config.to_dict()}
+    if isinstance(model, LoRABackbone):
+        return {"kind": "lora", "base": backbone_spec(model.base), "lora": model.config.to_dict()}
     raise TypeError(f"unsupported backbone type {type(model).__name__}")
 
 
@@ -57,4 +69,6 @@ def backbone_from_spec(spec: dict) -> nn.Module:
         cfg = dict(spec["config"])
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         return HFCausalLM(AutoModelForCausalLM.from_config(config))
+    if spec.get("kind") == "lora":
+        return LoRABackbone(backbone_from_spec(spec["base"]), LoRAConfig(**spec["lora"]))
     raise ValueError(f"unknown backbone kind {spec.get('kind')!r} in checkpoint")

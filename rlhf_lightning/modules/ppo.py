@@ -16,6 +16,9 @@ Everything an iteration draws (prompts, sampling noise, minibatch order) comes f
 iteration, rank), so a run resumed from a checkpoint repeats exactly what an uninterrupted run does; the checkpoint
 holds the trainable models, the optimizer and scheduler, the KL controller and the running score statistics, not the
 frozen reference and reward model (they are reloaded from their own checkpoints).
+
+With ``lora`` set, the policy is the SFT backbone with peft LoRA adapters (only they train) and the reference is that
+same model with its adapters disabled: the SFT weights, without a second copy of them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from rlhf_lightning.data.collate import pad_sequences
 from rlhf_lightning.metrics import distinct_n, diversity_metrics, pearson
 from rlhf_lightning.models.backbone import backbone_from_spec, backbone_spec
 from rlhf_lightning.models.heads import ValueHead
+from rlhf_lightning.models.lora import AdaptersDisabled, LoRABackbone, LoRAConfig, require_peft
 from rlhf_lightning.models.reward import load_reward_model
 from rlhf_lightning.models.sampling import SamplingConfig, generate
 from rlhf_lightning.modules.base import PhaseModule
@@ -109,6 +113,8 @@ class PPOModule(PhaseModule):
         minibatch_size: responses per optimizer step; must divide rollout_batch.
         ppo_epochs: passes over each rollout.
         sampling: how responses are sampled (its temperature is also the one the loss uses).
+        lora: train LoRA adapters on the frozen SFT weights instead of the whole policy (needs the ``lora`` extra,
+            peft); the reference is then the policy with its adapters disabled. None: full fine-tuning.
         lr, critic_lr: learning rates of the policy and of the critic (value head and its backbone).
         weight_decay, betas: AdamW settings.
         warmup_steps: optimizer steps of linear warmup; then linear decay to ``min_lr_ratio * lr`` at the last step.
@@ -159,6 +165,7 @@ class PPOModule(PhaseModule):
         minibatch_size: int = 16,
         ppo_epochs: int = 4,
         sampling: SamplingConfig | None = None,
+        lora: LoRAConfig | None = None,
         lr: float = 1e-4,
         critic_lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -201,13 +208,15 @@ class PPOModule(PhaseModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        # The argument, not hparams.lora: under LightningCLI the saved hyperparameters hold the parsed config (dicts).
+        self.lora = lora
         self._check_config()
         self.sampling = sampling or SamplingConfig(max_new_tokens=32, temperature=1.0)
         self.kl_ctl = kl_controller_from(self.hparams)
         self.score_moments = RunningMoments()
         self.iteration = 0
         self.policy: nn.Module | None = None
-        self.ref_policy: nn.Module | None = None
+        self.ref_policy: nn.Module | AdaptersDisabled | None = None
         self.reward_model: nn.Module | None = None
         self.critic_backbone: nn.Module | None = None
         self.value_head: ValueHead | None = None
@@ -228,6 +237,10 @@ class PPOModule(PhaseModule):
                 raise ValueError(f"{name} must be > 0, got {getattr(h, name)}")
         if h.rollout_batch % h.minibatch_size:
             raise ValueError(f"minibatch_size ({h.minibatch_size}) must divide rollout_batch ({h.rollout_batch})")
+        if h.shard and h.lora is not None:
+            raise ValueError(
+                "shard and lora together are not supported yet (sharding a peft-wrapped policy is untested)"
+            )
         if h.kl_in_loss and h.kl_estimator in ("full", "k1"):
             # In the loss only the estimator's gradient acts: k1's is zero in expectation (no pull towards the
             # reference at all), k2's is that of KL(pi || ref), k3's that of KL(ref || pi) (GRPO's choice).
@@ -239,6 +252,8 @@ class PPOModule(PhaseModule):
             raise ValueError(f"critic must be 'separate' or 'shared', got {h.critic!r}")
         if h.score_norm not in ("none", "running"):
             raise ValueError(f"score_norm must be 'none' or 'running', got {h.score_norm!r}")
+        if self.lora is not None:
+            require_peft()  # at configuration time, not minutes later in configure_model
         paths = {"sft_checkpoint": h.sft_checkpoint}
         if h.reward_source == "model":
             if not h.reward_checkpoint:
@@ -268,7 +283,8 @@ class PPOModule(PhaseModule):
             )
         self.tokenizer = tokenizer
         self.policy = policy
-        self.ref_policy = _freeze(copy.deepcopy(policy))
+        if self.lora is None:
+            self.ref_policy = _freeze(copy.deepcopy(policy))
         trunk, head_init = policy, None
         if h.reward_source == "model":
             reward_model, rm_tokenizer = load_reward_model(h.reward_checkpoint)
@@ -290,6 +306,10 @@ class PPOModule(PhaseModule):
             self.critic_backbone.requires_grad_(True)
             if head_init is not None:
                 self._init_value_head_from_reward(head_init)
+        if self.lora is not None:
+            # Wrapped last: peft changes the backbone in place, and a critic copied from it must not carry adapters.
+            self.policy = LoRABackbone(policy, self.lora, seed=h.seed)
+            self.ref_policy = AdaptersDisabled(self.policy)
         if h.shard:
             for model in (self.policy, self.critic_backbone, self.value_head):
                 if model is not None:
@@ -713,7 +733,8 @@ class PPOModule(PhaseModule):
         if self.critic_backbone is not None:
             critic += list(self.critic_backbone.parameters())
         opt = torch.optim.AdamW(
-            [{"params": list(self.policy.parameters()), "lr": h.lr}, {"params": critic, "lr": h.critic_lr}],
+            [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": h.lr},
+             {"params": critic, "lr": h.critic_lr}],
             weight_decay=h.weight_decay, betas=tuple(h.betas), fused=True,  # one kernel per step, not one per tensor
         )  # fmt: skip
         total = h.iterations * h.ppo_epochs * (h.rollout_batch // h.minibatch_size)

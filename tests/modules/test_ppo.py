@@ -17,6 +17,7 @@ from test_sft import TINY
 from rlhf_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint
 from rlhf_lightning.cli import main
 from rlhf_lightning.data import PromptDataModule
+from rlhf_lightning.models.lora import LoRAConfig
 from rlhf_lightning.modules import PPOModule
 from rlhf_lightning.modules.ppo import PPO_STATE_KEY, clipped_value_loss, duplicate_rate, import_score_fn, win_rate
 
@@ -74,8 +75,12 @@ class StopAfter(Callback):
             trainer.should_stop = True
 
 
-def fit(base: Path, out: Path, module: PPOModule, ckpt_path: str | None = None, stop_after: int | None = None):
-    dm = PromptDataModule(data_dir=str(base / "runs/world"), eval_prompts=8, generate_world=False)
+def fit(
+    base: Path, out: Path, module: PPOModule, ckpt_path: str | None = None, stop_after: int | None = None,
+    tokenizer_path: str | None = None,
+):  # fmt: skip
+    dm = PromptDataModule(data_dir=str(base / "runs/world"), eval_prompts=8, generate_world=False,
+                          tokenizer_path=tokenizer_path)  # fmt: skip
     steps_per_iteration = module.hparams.ppo_epochs * module.hparams.rollout_batch // module.hparams.minibatch_size
     callbacks = [ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_train_steps=steps_per_iteration)]
     if stop_after is not None:
@@ -157,8 +162,9 @@ def test_resume_repeats_the_uninterrupted_run_exactly(base, tmp_path):
         {"kl_controller": "annealed", "kl_floor": 0.01, "kl_anneal_iterations": 2, "entropy_coef": 0.01,
          "target_approx_kl": 1e-9},
         {"length_debias": True, "score_norm": "running"},
+        {"lora": LoRAConfig(r=4, alpha=8.0)},
     ],
-    ids=["full-kl", "kl-in-loss-shared-critic", "annealed-entropy-early-stop", "length-debias"],
+    ids=["full-kl", "kl-in-loss-shared-critic", "annealed-entropy-early-stop", "length-debias", "lora"],
 )  # fmt: skip
 def test_options_run_and_log_finite_metrics(base, tmp_path, options):
     module = make_module(base, iterations=2, ppo_epochs=2, **options)
@@ -171,6 +177,8 @@ def test_options_run_and_log_finite_metrics(base, tmp_path, options):
         assert logged["objective/non_score_reward"] == {0: 0.0, 1: 0.0}  # the KL is in the loss, not the reward
     if options.get("kl_estimator") == "full":
         assert logged["objective/kl"][1] >= 0  # the exact KL is never negative
+    if options.get("lora"):
+        assert logged["objective/kl"][0] == 0.0  # adapters start at zero: the policy is its reference, the SFT model
     if options.get("target_approx_kl"):
         assert logged["policy/epochs"] == {0: 1.0, 1: 1.0}  # stopped after the first epoch each time
         assert logged["objective/kl_coef"][1] < logged["objective/kl_coef"][0]
