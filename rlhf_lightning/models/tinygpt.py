@@ -83,7 +83,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
-        self.dropout = config.dropout
+        self.attn_drop = nn.Dropout(config.dropout)  # its p is what SDPA uses (a module, so it can be switched off)
         self.resid_drop = nn.Dropout(config.dropout)
 
     def forward(
@@ -95,7 +95,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (y.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for y in (q, k, v))  # (B, H, T, Dh)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S, Dh)
-        drop = self.dropout if self.training else 0.0
+        drop = self.attn_drop.p if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         y = y.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
         return self.resid_drop(self.proj(y))

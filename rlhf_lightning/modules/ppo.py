@@ -96,6 +96,18 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Sets every dropout probability of ``model`` to 0.
+
+    PPO's ratio compares the update's log-probs with the rollout's: with dropout on in the update (a Hugging Face
+    GPT-2 ships with 0.1), the first ratio is not 1 and the clipping acts on noise; it also makes a resumed run differ
+    from an uninterrupted one.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
 class PPOModule(PhaseModule):
     """PPO with a KL penalty against the frozen SFT policy.
 
@@ -282,6 +294,7 @@ class PPOModule(PhaseModule):
                 f"max_prompt_len + sampling.max_new_tokens = {budget} exceeds the policy's max_seq_len {max_len}"
             )
         self.tokenizer = tokenizer
+        disable_dropout(policy)  # before the copies below: the reference and a critic copied from it inherit it
         self.policy = policy
         if self.lora is None:
             self.ref_policy = _freeze(copy.deepcopy(policy))
@@ -304,6 +317,7 @@ class PPOModule(PhaseModule):
         if h.critic == "separate":
             self.critic_backbone = copy.deepcopy(trunk)
             self.critic_backbone.requires_grad_(True)
+            disable_dropout(self.critic_backbone)
             if head_init is not None:
                 self._init_value_head_from_reward(head_init)
         if self.lora is not None:

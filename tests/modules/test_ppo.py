@@ -18,8 +18,16 @@ from rlhf_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint
 from rlhf_lightning.cli import main
 from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.models.lora import LoRAConfig
+from rlhf_lightning.models.tinygpt import GPTConfig, TinyGPT
 from rlhf_lightning.modules import PPOModule
-from rlhf_lightning.modules.ppo import PPO_STATE_KEY, clipped_value_loss, duplicate_rate, import_score_fn, win_rate
+from rlhf_lightning.modules.ppo import (
+    PPO_STATE_KEY,
+    clipped_value_loss,
+    disable_dropout,
+    duplicate_rate,
+    import_score_fn,
+    win_rate,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -237,6 +245,14 @@ def test_startup_errors(base, tmp_path):
     torch.save(ckpt, other)
     with pytest.raises(ValueError, match=r"tokenizers of .* differ"):
         fit(base, tmp_path, make_module(base, reward_checkpoint=str(other)))
+
+
+def test_disable_dropout_makes_training_mode_deterministic():
+    model = TinyGPT(GPTConfig(vocab_size=20, n_layer=1, n_head=2, d_model=16, max_seq_len=8, dropout=0.5)).train()
+    ids, mask = torch.randint(0, 20, (2, 6)), torch.ones(2, 6, dtype=torch.bool)
+    assert not torch.equal(model(ids, mask), model(ids, mask))  # dropout on: two passes differ
+    disable_dropout(model)
+    torch.testing.assert_close(model(ids, mask), model.eval()(ids, mask), rtol=0, atol=0)
 
 
 def test_value_loss_clipping_and_win_rate_by_hand():
