@@ -49,10 +49,29 @@ class RLHFCLI(LightningCLI):
 
         module_path, _, name = self.config[subcommand]["model"]["class_path"].rpartition(".")
         model_class = getattr(importlib.import_module(module_path), name)
-        if issubclass(model_class, PhaseModule):
-            load_checkpoint(ckpt_path, phase=model_class.PHASE)
-        else:
+        if not issubclass(model_class, PhaseModule):
             check_whole(ckpt_path)
+            return
+        saved = load_checkpoint(ckpt_path, phase=model_class.PHASE).get("hyper_parameters", {})
+        # LightningCLI then resumes with the checkpoint's model settings, so a model setting changed for the resumed
+        # run (say more iterations) would be dropped without a word: name each one that is.
+        init_args = self.config[subcommand]["model"].get("init_args")
+        asked = vars(init_args) if init_args is not None else {}  # top level only: nested settings are Namespaces
+        ignored = [
+            f"{key} (config {asked[key]!r}, checkpoint {saved[key]!r})"
+            for key in sorted(set(asked) & set(saved))
+            if _scalar(asked[key]) and _scalar(saved[key]) and asked[key] != saved[key]
+        ]
+        if ignored:
+            print(
+                f"rlhf: resuming from {ckpt_path}: LightningCLI uses the checkpoint's model settings; these differ from"
+                f" the config and the config's values are ignored: {', '.join(ignored)}",
+                file=sys.stderr,
+            )
+
+
+def _scalar(value: object) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def world_main(argv: list[str]) -> None:

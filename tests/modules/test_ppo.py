@@ -273,7 +273,7 @@ def test_duplicate_rate_counts_only_repeats_across_prompts():
     assert duplicate_rate(["a", "b"], ["same", "same"]) == 1.0
 
 
-def test_cli_end_to_end(base, tmp_path, monkeypatch):
+def test_cli_end_to_end(base, tmp_path, monkeypatch, capsys):
     for name in ("runs/world", "runs/sft", "runs/rm"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).symlink_to(base / name)
@@ -294,6 +294,13 @@ def test_cli_end_to_end(base, tmp_path, monkeypatch):
         assert tag in logged, tag
         assert all(math.isfinite(v) for v in logged[tag].values()), tag
     assert sorted(logged["objective/kl"]) == [0, 1]
+    # Resuming with a changed model setting: LightningCLI resumes with the checkpoint's, and says so.
+    capsys.readouterr()
+    main(["fit", "-c", str(CONFIGS / "ppo.yaml"), "--model.init_args.iterations=3", "--model.init_args.rollout_batch=8",
+          "--model.init_args.minibatch_size=4", "--model.init_args.ppo_epochs=1", "--model.init_args.eval_every=2",
+          "--model.init_args.sampling.max_new_tokens=8", "--data.init_args.eval_prompts=8", *QUIET,
+          "--ckpt_path=runs/ppo/checkpoints/last.ckpt"])  # fmt: skip
+    assert capsys.readouterr().err.endswith("the config's values are ignored: iterations (config 3, checkpoint 2)\n")
 
 
 def test_sigkill_mid_run_resumes_to_the_same_end(base, tmp_path):
