@@ -45,11 +45,15 @@ def on_every_rank(module: L.LightningModule, flag: bool) -> bool:
     return bool(agreed)
 
 
-def check_finite_loss(module: L.LightningModule, loss: torch.Tensor, name: str) -> None:
-    """Raises FloatingPointError on every rank when the loss is not finite on some rank."""
-    if not on_every_rank(module, bool(torch.isfinite(loss))):
+def finite_rank_mean(module: L.LightningModule, loss: torch.Tensor, name: str) -> torch.Tensor:
+    """The loss's mean over the ranks, to log (the loss itself, detached, in one process), in one all-reduce that
+    also serves the check: NaN and inf carry through the mean, so every rank raises FloatingPointError together when
+    the loss is not finite on some rank."""
+    mean = loss.detach() if module._trainer is None else module.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+    if not bool(torch.isfinite(mean)):
         step = module.global_step
         raise FloatingPointError(f"{name} is not finite at step {step} (this rank's value: {loss.item()}): stopping")
+    return mean
 
 
 def shard_backbone(module: L.LightningModule, model: nn.Module) -> None:

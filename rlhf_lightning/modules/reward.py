@@ -26,7 +26,7 @@ from rlhf_lightning.models.backbone import backbone_from_spec
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.models.sampling import SamplingConfig, generate
 from rlhf_lightning.modules.base import PhaseModule, tokenizer_from_meta
-from rlhf_lightning.modules.common import adamw_with_warmup_cosine, check_finite_loss, shard_backbone
+from rlhf_lightning.modules.common import adamw_with_warmup_cosine, finite_rank_mean, shard_backbone
 
 
 def load_sft_backbone(path: str):
@@ -167,8 +167,7 @@ class RewardModule(PhaseModule):
         losses = pair_losses(r_c, r_r, self.hparams.margin)  # (B, K)
         w = self.bootstrap_weights[batch["index"]].expand(-1, r_c.shape[1])  # (B, K)
         loss = ((losses * w).sum(0) / w.sum(0).clamp(min=1)).mean()
-        check_finite_loss(self, loss, "rm/loss")
-        self.log("rm/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("rm/loss", finite_rank_mean(self, loss, "rm/loss"), prog_bar=True)
         self.log("rm/train_accuracy", pairwise_accuracy(r_c.mean(1), r_r.mean(1)), sync_dist=True)
         return loss
 

@@ -19,8 +19,8 @@ from rlhf_lightning.models.tinygpt import GPTConfig
 from rlhf_lightning.modules.base import PhaseModule
 from rlhf_lightning.modules.common import (
     adamw_with_warmup_cosine,
-    check_finite_loss,
     eval_metrics,
+    finite_rank_mean,
     response_logprobs,
     sample_eval,
     samples_table,
@@ -89,8 +89,7 @@ class SFTModule(PhaseModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, n_tokens = self._nll(batch)
-        check_finite_loss(self, loss, "sft/loss")
-        self.log("sft/loss", loss, prog_bar=True, batch_size=n_tokens, sync_dist=True)
+        self.log("sft/loss", finite_rank_mean(self, loss, "sft/loss"), prog_bar=True, batch_size=n_tokens)
         self.log("sft/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from rlhf_lightning.cli import main
 from rlhf_lightning.data import SFTDataModule, Tokenizer
 from rlhf_lightning.models.sampling import SamplingConfig
 from rlhf_lightning.modules import SFTModule
-from rlhf_lightning.modules.common import sample_eval
+from rlhf_lightning.modules.common import finite_rank_mean, sample_eval
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sft.yaml"
 TINY = [
@@ -96,3 +97,12 @@ def test_unknown_config_key_fails_at_start(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "-c", str(CONFIG), "--model.init_args.no_such_option=1"])
     assert "no_such_option" in capsys.readouterr().err
+
+
+def test_finite_rank_mean_returns_the_loss_to_log_and_stops_on_nan():
+    module = L.LightningModule()  # outside a Trainer: one process, the mean is the loss itself
+    loss = torch.tensor(2.5, requires_grad=True)
+    logged = finite_rank_mean(module, loss * 2, "sft/loss")
+    assert float(logged) == 5.0 and not logged.requires_grad
+    with pytest.raises(FloatingPointError, match=r"sft/loss is not finite at step 0 \(this rank's value: nan\)"):
+        finite_rank_mean(module, loss * float("nan"), "sft/loss")
