@@ -89,6 +89,18 @@ class RewardModel(nn.Module):
         std = members.std(dim=-1, unbiased=False) if self.n_members > 1 else torch.zeros_like(members[:, 0])
         return RewardScores(members, members.mean(dim=-1), std)
 
+    @torch.no_grad()
+    def measure_normalisation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk: int = 256) -> None:
+        """Sets each member's ``norm_mean`` / ``norm_std`` to its raw score mean and std over these sequences (in
+        eval mode, in chunks of ``chunk`` rows; the mode is restored). Arguments as :meth:`raw_members`, (n, T)."""
+        was_training = self.training
+        self.eval()
+        chunks = zip(input_ids.split(chunk), attention_mask.split(chunk), strict=True)
+        raw = torch.cat([self.raw_members(i, m) for i, m in chunks])  # (n, K)
+        self.train(was_training)
+        self.norm_mean.copy_(raw.mean(0))
+        self.norm_std.copy_(raw.std(0).clamp(min=1e-6))
+
     def spec(self) -> dict:
         """What a checkpoint needs to rebuild this model before loading its weights."""
         return {"backbone": backbone_spec(self.backbones[0]), "n_members": self.n_members, "mode": self.mode}

@@ -44,7 +44,7 @@ from rlhf_lightning.models.reward import load_reward_model
 from rlhf_lightning.models.sampling import SamplingConfig, generate
 from rlhf_lightning.modules.base import PhaseModule
 from rlhf_lightning.modules.common import EvalSamples, on_every_rank, sample_eval, shard_backbone
-from rlhf_lightning.modules.reward import join_left_right, load_sft_backbone
+from rlhf_lightning.modules.reward import join_left_right, load_sft_backbone, sample_prompt_responses
 from rlhf_lightning.rl import (
     KL_ESTIMATORS,
     KLEstimator,
@@ -117,6 +117,11 @@ class PPOModule(PhaseModule):
         reward_source: "model" (the reward model; an ensemble gives ``mean - ensemble_k * std``), "gold" (the world's
             gold judge: an oracle baseline) or "package.module:function", a callable ``(prompts, responses) -> scores``.
         ensemble_k: weight of the ensemble's disagreement in the conservative reward (0: the ensemble mean).
+        reward_norm_samples: at the start, the reward model's normalisation statistics are re-measured on this many
+            responses of the SFT policy to training prompts, sampled with this phase's ``sampling`` (seeded from
+            ``seed``), so the scores start centred with unit spread on exactly the distribution PPO samples (the
+            reward phase measured them with its own sampling settings, e.g. another response length). 0: keep the
+            checkpoint's statistics.
         critic: "separate" (a value head on its own backbone, initialised from the reward model's trunk and head,
             InstructGPT style; from the SFT backbone for other reward sources) or "shared" (a value head on the
             policy's trunk).
@@ -150,7 +155,8 @@ class PPOModule(PhaseModule):
         length_debias: take out of each rollout's scores their straight-line trend in response length (a fix for a
             length-biased reward model; see :func:`~rlhf_lightning.rl.rewards.remove_length_trend`). The proxy
             reward logged stays the reward source's own; ``objective/length_slope`` logs the slope removed.
-        missing_eos_penalty: added to the score of a response that never emitted EOS.
+        missing_eos_score: the score of a response that never emitted EOS, replacing the reward source's (None: keep
+            it; see :func:`~rlhf_lightning.rl.rewards.shape_rewards`).
         target_approx_kl: stop an iteration's epochs once the mean approximate KL to the rollout policy exceeds it.
         eval_every: iterations between evaluations on the held-out prompts (and the last iteration).
         eval_table_rows: rows of the TensorBoard text table (SFT response beside the current one).
@@ -171,6 +177,7 @@ class PPOModule(PhaseModule):
         reward_checkpoint: str | None = "runs/rm/checkpoints/last.ckpt",
         reward_source: str = "model",
         ensemble_k: float = 0.0,
+        reward_norm_samples: int = 512,
         critic: Literal["separate", "shared"] = "separate",
         iterations: int = 100,
         rollout_batch: int = 64,
@@ -207,7 +214,7 @@ class PPOModule(PhaseModule):
         score_clip: float | None = 5.0,
         score_norm: Literal["none", "running"] = "none",
         length_debias: bool = False,
-        missing_eos_penalty: float = -1.0,
+        missing_eos_score: float | None = -1.0,
         target_approx_kl: float | None = None,
         eval_every: int = 10,
         eval_table_rows: int = 8,
@@ -247,6 +254,9 @@ class PPOModule(PhaseModule):
                      "eval_samples_per_prompt"):  # fmt: skip
             if getattr(h, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(h, name)}")
+        if h.reward_norm_samples == 1 or h.reward_norm_samples < 0:
+            raise ValueError(f"reward_norm_samples must be 0 (keep the checkpoint's) or >= 2, got "
+                             f"{h.reward_norm_samples}")  # fmt: skip
         if h.rollout_batch % h.minibatch_size:
             raise ValueError(f"minibatch_size ({h.minibatch_size}) must divide rollout_batch ({h.rollout_batch})")
         if h.shard and h.lora is not None:
@@ -306,6 +316,11 @@ class PPOModule(PhaseModule):
                     f"the tokenizers of {h.sft_checkpoint} and {h.reward_checkpoint} differ: the reward model must "
                     "read text exactly as the policy writes it"
                 )
+            if h.reward_norm_samples:
+                # The SFT policy, before any adapter or training: what the first rollout samples from.
+                dm = self.trainer.datamodule
+                batch = sample_prompt_responses(policy, dm, tokenizer, h.reward_norm_samples, self.sampling, h.seed)
+                reward_model.measure_normalisation(*batch)
             self.reward_model = _freeze(reward_model)
             trunk, head_init = reward_model.backbones[0], reward_model
         elif h.reward_source == "gold":
@@ -508,7 +523,7 @@ class PPOModule(PhaseModule):
         kl = per_token_kl(logp, ref_logp, resp_mask, h.kl_estimator, full_kl)
         beta = self.kl_ctl.value
         shaped = shape_rewards(scores, torch.zeros_like(kl) if h.kl_in_loss else kl, resp_mask, beta, out.ended,
-                               h.missing_eos_penalty, h.score_clip)  # fmt: skip
+                               h.missing_eos_score, h.score_clip)  # fmt: skip
         self._check_finite("reward (shaped per-token rewards)", shaped.rewards, iteration)
         advantages, returns = gae(shaped.rewards, values, resp_mask, h.gamma, h.lam)
         if h.whiten_advantages:

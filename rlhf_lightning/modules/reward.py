@@ -9,8 +9,11 @@ drawn once from ``seed`` and kept in the checkpoint.
 Validation logs, on held-out pairs: ``rm/accuracy`` against the labels and, on the world, ``rm/accuracy_gold``
 against the gold judge's ordering beside ``rm/bayes_accuracy`` (the best any model can reach under the annotators'
 noise), ``rm/margin``, ``rm/ece``, ``rm/len_corr`` (score vs response length), score mean/std and, for ensembles,
-``rm/ensemble_std``. It then refreshes the normalisation statistics: each member's score mean and std on responses
-the SFT policy samples for training prompts, kept in the model's buffers and so in every checkpoint.
+``rm/ensemble_std``, and ``rm/baseline_accuracy``: the held-out accuracy of a converged bag-of-words logistic
+regression fitted on the same training pairs (:mod:`rlhf_lightning.metrics.baseline`), the simplest model the reward
+model must beat to have learned more than which words the annotators like. It then refreshes the normalisation
+statistics: each member's score mean and std on responses the SFT policy samples for training prompts, kept in the
+model's buffers and so in every checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import rlhf_kernels
 from rlhf_lightning.checkpoint import RLHF_KEY, load_checkpoint
 from rlhf_lightning.metrics import expected_calibration_error, order_agreement, pairwise_accuracy, pearson
+from rlhf_lightning.metrics.baseline import bag_of_words_baseline
 from rlhf_lightning.models.backbone import backbone_from_spec
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.models.sampling import SamplingConfig, generate
@@ -67,6 +71,8 @@ class RewardModule(PhaseModule):
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with linear warmup then cosine decay.
         norm_samples: SFT-policy samples (of training prompts) the normalisation statistics are computed on.
         norm_sampling: how those samples are drawn.
+        baseline_folds: folds of the cross-validation that picks the bag-of-words baseline's L2 strength (0: no
+            baseline, e.g. for data too small to split).
         seed: seed of the heads' initialisation, the bootstrap weights, the normalisation samples and, with the data
             module's ``pair_source: sft_policy``, of the pairs sampled from the SFT policy and their labels.
         shard: shard every trunk and head with FSDP2 (see :func:`~rlhf_lightning.modules.common.shard_backbone`;
@@ -89,6 +95,7 @@ class RewardModule(PhaseModule):
         min_lr_ratio: float = 0.1,
         norm_samples: int = 512,
         norm_sampling: SamplingConfig | None = None,
+        baseline_folds: int = 5,
         seed: int = 0,
         shard: bool = False,
     ):
@@ -98,11 +105,16 @@ class RewardModule(PhaseModule):
             raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}")
         if norm_samples < 2:
             raise ValueError(f"norm_samples must be >= 2 (a std needs two samples), got {norm_samples}")
-        self.norm_sampling = norm_sampling or SamplingConfig(max_new_tokens=48, temperature=1.0)
+        if baseline_folds < 0 or baseline_folds == 1:
+            raise ValueError(f"baseline_folds must be 0 (no baseline) or >= 2, got {baseline_folds}")
+        # PPO's default sampling: the statistics describe the responses PPO starts from (which re-measures them with
+        # its own sampling settings anyway; see PPOModule's reward_norm_samples).
+        self.norm_sampling = norm_sampling or SamplingConfig(max_new_tokens=32, temperature=1.0)
         self.reward_model: RewardModel | None = None
         self._val: list[dict[str, torch.Tensor]] = []
         self._norm_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._norm_step = -1
+        self._baseline_accuracy: float | None = None
 
     # -- model construction ------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -145,21 +157,11 @@ class RewardModule(PhaseModule):
             self.bootstrap_weights = torch.empty_like(state_dict["bootstrap_weights"])
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    @torch.no_grad()
     def _sample_sft_responses(self, policy: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt + response token batches (right-padded) the SFT policy samples for training prompts, drawn once
-        with a private generator: the data the normalisation statistics are measured on."""
-        h, dm = self.hparams, self.trainer.datamodule
-        device = next(iter(policy.parameters())).device  # where configure_model built it (CUDA on a GPU)
-        prompts = {k: v.to(device) for k, v in dm.train_prompt_batch(h.norm_samples, h.seed).items()}
-        gen = torch.Generator(device=device).manual_seed(h.seed)
-        was_training = policy.training
-        policy.eval()
-        out = generate(policy, prompts["prompt_ids"], prompts["prompt_mask"], self.norm_sampling,
-                       self.tokenizer.eos_id, self.tokenizer.pad_id, gen)  # fmt: skip
-        policy.train(was_training)
-        ids, mask = join_left_right(prompts["prompt_ids"], prompts["prompt_mask"], out.response_ids, out.response_mask)
-        return ids.cpu(), mask.cpu()
+        """The normalisation samples: see :func:`sample_prompt_responses`."""
+        h = self.hparams
+        return sample_prompt_responses(policy, self.trainer.datamodule, self.tokenizer, h.norm_samples,
+                                       self.norm_sampling, h.seed)  # fmt: skip
 
     # -- training ----------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -203,6 +205,8 @@ class RewardModule(PhaseModule):
             metrics["rm/accuracy_gold"] = order_agreement(r_c - r_r, g_c - g_r)
         if getattr(dm, "bayes_accuracy", None) is not None:
             metrics["rm/bayes_accuracy"] = dm.bayes_accuracy
+        if self.hparams.baseline_folds:
+            metrics["rm/baseline_accuracy"] = self.baseline_accuracy()
         if not self.trainer.sanity_checking:
             self.refresh_normalisation()
             metrics["rm/norm_mean"] = float(self.reward_model.norm_mean.mean())
@@ -220,19 +224,31 @@ class RewardModule(PhaseModule):
         first = torch.full_like(index, len(inverse)).scatter_reduce(0, inverse, positions, "amin")
         return {key: t[first] for key, t in v.items()}
 
-    @torch.no_grad()
+    def on_fit_start(self) -> None:
+        if self.hparams.baseline_folds:
+            self.baseline_accuracy()  # before any training step: too few pairs fail here, not at validation
+
+    def baseline_accuracy(self) -> float:
+        """Held-out accuracy of the bag-of-words baseline on this run's pairs (fitted once, on first use)."""
+        if self._baseline_accuracy is None:
+            dm, h = self.trainer.datamodule, self.hparams
+            if len(dm.train_examples) < h.baseline_folds:
+                raise ValueError(f"the bag-of-words baseline needs >= baseline_folds ({h.baseline_folds}) training "
+                                 f"pairs, got {len(dm.train_examples)}; set model.baseline_folds=0")  # fmt: skip
+
+            def sides(examples: list) -> tuple[list[list[int]], list[list[int]]]:
+                return [e.chosen_ids for e in examples], [e.rejected_ids for e in examples]
+
+            fit = bag_of_words_baseline(sides(dm.train_examples), sides(dm.val_examples), self.tokenizer.vocab_size,
+                                        folds=h.baseline_folds, seed=h.seed)  # fmt: skip
+            self._baseline_accuracy = fit.accuracy
+        return self._baseline_accuracy
+
     def refresh_normalisation(self) -> None:
         """Sets each member's norm_mean / norm_std to its raw score statistics on the SFT-policy samples."""
         if self._norm_batch is None or self._norm_step == self.global_step:
             return
-        ids, mask = (t.to(self.device) for t in self._norm_batch)
-        was_training = self.reward_model.training
-        self.reward_model.eval()
-        chunks = zip(ids.split(256), mask.split(256), strict=True)
-        raw = torch.cat([self.reward_model.raw_members(i, m) for i, m in chunks])  # (n, K)
-        self.reward_model.train(was_training)
-        self.reward_model.norm_mean.copy_(raw.mean(0))
-        self.reward_model.norm_std.copy_(raw.std(0).clamp(min=1e-6))
+        self.reward_model.measure_normalisation(*(t.to(self.device) for t in self._norm_batch))
         self._norm_step = self.global_step
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -249,6 +265,26 @@ class RewardModule(PhaseModule):
             self.reward_model, h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps,
             self.trainer.estimated_stepping_batches, h.min_lr_ratio,
         )  # fmt: skip
+
+
+@torch.no_grad()
+def sample_prompt_responses(
+    policy: torch.nn.Module, dm: Any, tokenizer: Any, n: int, sampling: SamplingConfig, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded prompt + response batches (n, T) of ``policy``'s responses to n training prompts: the prompts
+    drawn by ``dm.train_prompt_batch(n, seed)``, the sampling noise from a private generator seeded with ``seed`` (the
+    same policy, prompts and seed give the same batch). Sampled in eval mode on the policy's device (where
+    configure_model built it: CUDA on a GPU); the mode is restored; the batch is returned on the CPU."""
+    device = next(iter(policy.parameters())).device
+    prompts = {k: v.to(device) for k, v in dm.train_prompt_batch(n, seed).items()}
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = policy.training
+    policy.eval()
+    out = generate(policy, prompts["prompt_ids"], prompts["prompt_mask"], sampling, tokenizer.eos_id,
+                   tokenizer.pad_id, gen)  # fmt: skip
+    policy.train(was_training)
+    ids, mask = join_left_right(prompts["prompt_ids"], prompts["prompt_mask"], out.response_ids, out.response_mask)
+    return ids.cpu(), mask.cpu()
 
 
 def join_left_right(

@@ -13,7 +13,8 @@ import torch
 
 
 class ShapedRewards(NamedTuple):
-    """rewards: (B, R) per-token rewards; score: (B,) the score actually paid (clipped, EOS penalty added);
+    """rewards: (B, R) per-token rewards; score: (B,) the score actually paid (clipped; the missing-EOS score for a
+    response without EOS);
     penalty: (B, R) the KL part alone, -beta * KL_t (0 when the KL is in the loss instead)."""
 
     rewards: torch.Tensor
@@ -32,7 +33,7 @@ def shape_rewards(
     mask: torch.Tensor,
     beta: float,
     ended: torch.Tensor,
-    missing_eos_penalty: float = 0.0,
+    missing_eos_score: float | None = None,
     score_clip: float | None = None,
 ) -> ShapedRewards:
     """Per-token rewards of a rollout.
@@ -43,15 +44,20 @@ def shape_rewards(
         mask: (B, R) real response tokens, contiguous from column 0; each row has at least one.
         beta: the KL coefficient.
         ended: (B,) True where the response emitted EOS.
-        missing_eos_penalty: added to the score of responses that never emitted EOS (usually < 0).
-        score_clip: clip scores to [-score_clip, score_clip] first (None: no clip).
+        missing_eos_score: the score of a response that never emitted EOS, in place of the reward source's (None:
+            keep that). Replacing rather than adding (lm-human-preferences' ``penalty_reward_value``) means a
+            truncated response is worth the same whatever the reward model thinks of it: a fixed amount added to a
+            high score could still beat an average finished response, and length-hacking policies learn to stop
+            never.
+        score_clip: clip scores to [-score_clip, score_clip] (None: no clip); the missing-EOS score is not clipped.
     """
     if bool((mask.sum(-1) == 0).any()):
         raise ValueError("every response needs at least one token to receive its score")
     score = scores.float()
     if score_clip is not None:
         score = score.clamp(-score_clip, score_clip)
-    score = score + torch.where(ended, 0.0, float(missing_eos_penalty))
+    if missing_eos_score is not None:
+        score = torch.where(ended, score, float(missing_eos_score))
     penalty = -beta * kl.float() * mask
     rewards = penalty.clone()
     rows = torch.arange(rewards.shape[0], device=rewards.device)

@@ -236,6 +236,8 @@ def test_startup_errors(base, tmp_path):
         make_module(base, kl_estimator="full", kl_in_loss=True)
     with pytest.raises(ValueError, match="k1's gradient is zero"):
         make_module(base, kl_estimator="k1", kl_in_loss=True)
+    with pytest.raises(ValueError, match="reward_norm_samples must be 0"):
+        make_module(base, reward_norm_samples=1)
     with pytest.raises(ValueError, match="cannot be imported"):
         import_score_fn("no_such_module_xyz:fn")
     # A reward model whose tokenizer differs from the SFT policy's: caught when the models are built.
@@ -400,3 +402,27 @@ def test_ensemble_reward_pays_the_conservative_score(base, tmp_path, monkeypatch
                                                             out.response_ids, out.response_mask))  # fmt: skip
     assert module.reward_model.n_members == 2 and bool((scores.std > 0).all())
     torch.testing.assert_close(paid, scores.mean - 1.5 * scores.std)
+
+
+def test_reward_normalisation_is_remeasured_on_the_responses_ppo_samples(base, tmp_path):
+    """The reward phase measured its statistics on 32-token samples; a PPO run sampling 8 tokens re-measures them on
+    the SFT policy's 8-token responses (prompts and noise from its seed), so its first scores are centred there."""
+    from rlhf_lightning.models.reward import load_reward_model
+    from rlhf_lightning.models.sampling import SamplingConfig
+    from rlhf_lightning.modules.reward import load_sft_backbone, sample_prompt_responses
+
+    module = make_module(base, iterations=1, reward_norm_samples=16, seed=3)
+    fit(base, tmp_path, module)
+    stored, tokenizer = load_reward_model(base / RM_CKPT)
+    policy, _ = load_sft_backbone(str(base / SFT_CKPT))
+    dm = PromptDataModule(data_dir=str(base / "runs/world"), generate_world=False)
+    dm.setup()
+    ids, mask = sample_prompt_responses(policy, dm, tokenizer, 16, SamplingConfig(max_new_tokens=8), 3)
+    with torch.no_grad():
+        raw = stored.raw_members(ids, mask)  # (16, 1)
+    torch.testing.assert_close(module.reward_model.norm_mean, raw.mean(0))
+    torch.testing.assert_close(module.reward_model.norm_std, raw.std(0))
+    assert not torch.allclose(module.reward_model.norm_mean, stored.norm_mean)
+    kept = make_module(base, iterations=1, reward_norm_samples=0)
+    fit(base, tmp_path / "kept", kept)
+    torch.testing.assert_close(kept.reward_model.norm_mean, stored.norm_mean)

@@ -41,6 +41,7 @@ RM_CKPT = "runs/rm/checkpoints/last.ckpt"
 RM_TAGS = (
     "rm/loss", "rm/train_accuracy", "rm/accuracy", "rm/accuracy_gold", "rm/bayes_accuracy", "rm/margin", "rm/ece",
     "rm/len_corr", "rm/score_mean", "rm/score_std", "rm/ensemble_std", "rm/norm_mean", "rm/norm_std",
+    "rm/baseline_accuracy",
 )  # fmt: skip
 
 
@@ -104,7 +105,7 @@ def test_normalisation_is_measured_on_sft_samples_with_the_checkpoints_own_weigh
     dm.setup()
     prompts = dm.train_prompt_batch(NORM_SAMPLES, 0)
     out = generate(policy.eval(), prompts["prompt_ids"], prompts["prompt_mask"],
-                   SamplingConfig(max_new_tokens=48, temperature=1.0), tokenizer.eos_id, tokenizer.pad_id,
+                   SamplingConfig(max_new_tokens=32, temperature=1.0), tokenizer.eos_id, tokenizer.pad_id,
                    torch.Generator().manual_seed(0))  # fmt: skip
     ids, mask = join_left_right(prompts["prompt_ids"], prompts["prompt_mask"], out.response_ids, out.response_mask)
     with torch.no_grad():
@@ -127,6 +128,8 @@ def test_logged_metrics(runs):
     for tag in ("rm/accuracy", "rm/accuracy_gold", "rm/train_accuracy"):
         assert all(0.0 <= x <= 1.0 for x in logged[tag]), tag
     assert all(0.0 <= x <= 0.5 for x in logged["rm/ece"])
+    # fitted once on the training pairs: the same held-out accuracy at every validation
+    assert len(set(logged["rm/baseline_accuracy"])) == 1 and 0.0 <= logged["rm/baseline_accuracy"][0] <= 1.0
     assert all(-1.0 <= x <= 1.0 for x in logged["rm/len_corr"])
     assert all(x > 0 for x in logged["rm/ensemble_std"] + logged["rm/norm_std"] + logged["rm/score_std"])
     # the Bayes accuracy is the annotators' ceiling on the val pairs, as the world recorded it

@@ -11,13 +11,25 @@ def test_score_lands_on_the_last_real_token_and_kl_everywhere() -> None:
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 9.0, 9.0]]) * mask
     scores = torch.tensor([2.0, -1.0])
     ended = torch.tensor([True, False])
-    out = shape_rewards(scores, kl, mask, beta=0.5, ended=ended, missing_eos_penalty=-3.0)
-    want = torch.tensor([[-0.05, -0.1, -0.15 + 2.0], [-0.25 + (-1.0 - 3.0), 0.0, 0.0]])
+    out = shape_rewards(scores, kl, mask, beta=0.5, ended=ended, missing_eos_score=-3.0)
+    want = torch.tensor([[-0.05, -0.1, -0.15 + 2.0], [-0.25 - 3.0, 0.0, 0.0]])
     torch.testing.assert_close(out.rewards, want)
-    torch.testing.assert_close(out.score, torch.tensor([2.0, -4.0]))
+    torch.testing.assert_close(out.score, torch.tensor([2.0, -3.0]))
     # Summed over a response: score - beta * sequence KL.
     torch.testing.assert_close(out.rewards.sum(-1), out.score - 0.5 * kl.sum(-1))
     assert last_real_index(mask).tolist() == [2, 0]
+
+
+def test_a_response_without_eos_gets_the_missing_eos_score_whatever_its_own_score() -> None:
+    # A truncated response that the reward model loves must not beat an average finished one: its score is
+    # replaced, not shifted (a shift of -1 left 5 - 1 = 4 > 0 here).
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    ended = torch.tensor([False, True, False])
+    out = shape_rewards(torch.tensor([10.0, 0.0, -10.0]), torch.zeros(3, 2), mask, 0.1, ended,
+                        missing_eos_score=-1.0, score_clip=5.0)  # fmt: skip
+    assert out.score.tolist() == [-1.0, 0.0, -1.0]
+    kept = shape_rewards(torch.tensor([10.0, 0.0, -10.0]), torch.zeros(3, 2), mask, 0.1, ended, score_clip=5.0)
+    assert kept.score.tolist() == [5.0, 0.0, -5.0]
 
 
 def test_score_clip_and_empty_response() -> None:
