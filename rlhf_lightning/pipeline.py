@@ -20,9 +20,10 @@ A preset (``--preset FILE``, see configs/failures/ and configs/fixes/) is a YAML
 configs per phase: ``all`` (merged into every phase, e.g. the world's annotator knobs), ``sft``, ``rm``, ``ppo``.
 
 ``--seed S`` sets every seed of the recipe from S (see :func:`seed_args`; without it the configs' seeds are used,
-which are those of ``--seed 0``). ``--seeds 0,1,2`` runs the recipe once per seed, with the same flags otherwise, into
-``OUT/seed_S/`` (each an ordinary run directory), then writes each figure's per-seed values, mean, range and 95%
-confidence interval to ``OUT/summary.json`` and ``OUT/summary.md``.
+which are those of ``--seed 0``), except the world's when a checkpoint is reused: that stays the checkpoint's.
+``--seeds 0,1,2`` runs the recipe once per seed, with the same flags otherwise, into ``OUT/seed_S/`` (each an
+ordinary run directory), then writes each figure's per-seed values, mean, range and 95% confidence interval to
+``OUT/summary.json`` and ``OUT/summary.md``.
 """
 
 from __future__ import annotations
@@ -119,15 +120,15 @@ def phase_configs(preset: dict[str, Any] | None, out: Path) -> dict[str, list[st
     return args
 
 
-def seed_args(seed: int | None) -> dict[str, list[str]]:
+def seed_args(seed: int | None, world_seed: int | None = None) -> dict[str, list[str]]:
     """Per phase, the ``rlhf fit`` overrides of ``--seed S``; None (no ``--seed``): none, the configs' own seeds.
 
     S is Lightning's ``seed_everything`` (weight initialisation, data order, dropout) and the world's seed (its
-    prompts, demonstrations, pairs and labels) in every phase, since each phase checks that the world it reads was
-    written with its world config; S is the reward model's ``seed`` (heads, bootstrap weights, normalisation samples,
-    policy pairs) and PPO's (prompts, sampling noise, minibatch order, LoRA adapters); the evaluation seeds of SFT and
-    PPO become their defaults plus S. S = 0 gives the values of today's configs and defaults: ``--seed 0`` runs exactly
-    what no ``--seed`` runs.
+    prompts and their train/val/test split, demonstrations, pairs and labels; ``world_seed`` instead when given) in
+    every phase, since each phase checks that the world it reads was written with its world config; S is the reward
+    model's ``seed`` (heads, bootstrap weights, normalisation samples, policy pairs) and PPO's (prompts, sampling
+    noise, minibatch order, LoRA adapters); the evaluation seeds of SFT and PPO become their defaults plus S. S = 0
+    gives the values of today's configs and defaults: ``--seed 0`` runs exactly what no ``--seed`` runs.
     """
     if seed is None:
         return {phase: [] for phase in PHASES}
@@ -137,12 +138,29 @@ def seed_args(seed: int | None) -> dict[str, list[str]]:
         default = inspect.signature(module).parameters["eval_seed"].default
         return f"--model.init_args.eval_seed={default + seed}"
 
-    every = [f"--seed_everything={seed}", f"--data.init_args.world.seed={seed}"]
+    world = seed if world_seed is None else world_seed
+    every = [f"--seed_everything={seed}", f"--data.init_args.world.seed={world}"]
     return {
         "sft": [*every, eval_seed(SFTModule)],
         "rm": [*every, f"--model.init_args.seed={seed}"],
         "ppo": [*every, f"--model.init_args.seed={seed}", eval_seed(PPOModule)],
     }
+
+
+def checkpoint_world_seed(path: Path) -> int | None:
+    """The seed of the generated world a phase checkpoint was trained on (its data module's hyperparameters); None
+    when it was trained on other data. Memory-mapped: the weights are not read."""
+    import torch
+
+    from rlhf_lightning.world import WorldConfig
+
+    data = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("datamodule_hyper_parameters")
+    if not data or not data.get("generate_world", True):
+        return None
+    world = data.get("world")
+    if world is None:
+        return WorldConfig().seed
+    return int(world["seed"] if isinstance(world, dict) else world.seed)
 
 
 def summarize(out: Path) -> dict[str, Any]:
@@ -315,7 +333,10 @@ def run_pipeline(args: argparse.Namespace, out: Path, seed: int | None) -> dict[
     preset = combine_presets(presets) if presets else None
     out.mkdir(parents=True, exist_ok=True)
     extra = phase_configs(preset, out)
-    seeding = seed_args(seed)
+    # A reused checkpoint keeps the world it was trained on (under any seed): in another world's split, the held-out
+    # prompts the policies are evaluated on could be prompts it trained on.
+    reused = args.sft_checkpoint or args.rm_checkpoint
+    seeding = seed_args(seed, checkpoint_world_seed(reused) if reused and seed is not None else None)
     sft_ckpt = args.sft_checkpoint.resolve() if args.sft_checkpoint else Path("runs/sft/checkpoints/last.ckpt")
     rm_ckpt = args.rm_checkpoint.resolve() if args.rm_checkpoint else Path("runs/rm/checkpoints/last.ckpt")
     data = [f"--data.init_args.data_dir={args.data_dir.resolve()}", "--data.init_args.generate_world=false"] if (

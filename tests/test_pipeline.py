@@ -65,9 +65,13 @@ def test_pipeline_reuses_given_checkpoints(default_run, tmp_path):
     second = tmp_path / "second"
     summary = main_pipeline(["--out", str(second), "--no-diagnose", "--sft-checkpoint",
                              str(first / "runs/sft/checkpoints/last.ckpt"), "--rm-checkpoint",
-                             str(first / "runs/rm/checkpoints/last.ckpt"), *tiny_args()])  # fmt: skip
+                             str(first / "runs/rm/checkpoints/last.ckpt"), "--seed", "3", *tiny_args()])  # fmt: skip
     assert not (second / "runs/sft").exists() and not (second / "runs/rm").exists()
     assert (second / "runs/ppo/checkpoints/last.ckpt").is_file() and set(summary["seconds"]) == {"ppo"}
+    # Under a seed, PPO takes it, but the world stays the checkpoints' (seed 0): its held-out prompts stay held out.
+    assert json.loads((second / "runs/world/world.json").read_text())["seed"] == 0
+    config = yaml.safe_load((second / "runs/ppo/config.yaml").read_text())
+    assert (config["seed_everything"], config["model"]["init_args"]["seed"]) == (3, 3)
 
 
 def recorded_seeds(run: Path) -> dict[str, Any]:
@@ -136,6 +140,7 @@ def test_seeds_run_the_recipe_per_seed_and_summarise_them(default_run, tmp_path,
     for s, run in runs.items():
         assert run["seed"] == s and (out / f"seed_{s}/runs/ppo/checkpoints/last.ckpt").is_file()
     assert recorded_seeds(out / "seed_1") == expected_seeds(1)
+    assert [pipeline.checkpoint_world_seed(out / f"seed_{s}/runs/sft/checkpoints/last.ckpt") for s in (0, 1)] == [0, 1]
     # Seed 0 is the run without --seed, to the bit; seed 1 is another world and other figures.
     default = json.loads((default_run / "summary.json").read_text())
     assert {k: runs[0][k] for k in FIGURES} == {k: default[k] for k in FIGURES}
