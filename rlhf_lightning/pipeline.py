@@ -18,11 +18,18 @@ swap a phase's config; ``--sft-args`` etc. append command-line overrides (e.g. `
 
 A preset (``--preset FILE``, see configs/failures/ and configs/fixes/) is a YAML file with a description and partial
 configs per phase: ``all`` (merged into every phase, e.g. the world's annotator knobs), ``sft``, ``rm``, ``ppo``.
+
+``--seed S`` sets every seed of the recipe from S (see :func:`seed_args`; without it the configs' seeds are used,
+which are those of ``--seed 0``), except the world's when a checkpoint is reused: that stays the checkpoint's.
+``--seeds 0,1,2`` runs the recipe once per seed, with the same flags otherwise, into ``OUT/seed_S/`` (each an
+ordinary run directory), then writes each figure's per-seed values, mean, range and 95% confidence interval to
+``OUT/summary.json`` and ``OUT/summary.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shlex
@@ -37,6 +44,7 @@ import yaml
 
 from rlhf_lightning.diagnose.events import read_scalars
 from rlhf_lightning.io import atomic_open
+from rlhf_lightning.stats import seed_stats
 
 PHASES = ("sft", "rm", "ppo")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -112,17 +120,70 @@ def phase_configs(preset: dict[str, Any] | None, out: Path) -> dict[str, list[st
     return args
 
 
+def seed_args(seed: int | None, world_seed: int | None = None) -> dict[str, list[str]]:
+    """Per phase, the ``rlhf fit`` overrides of ``--seed S``; None (no ``--seed``): none, the configs' own seeds.
+
+    S is Lightning's ``seed_everything`` (weight initialisation, data order, dropout) and the world's seed (its
+    prompts and their train/val/test split, demonstrations, pairs and labels; ``world_seed`` instead when given) in
+    every phase, since each phase checks that the world it reads was written with its world config; S is the reward
+    model's ``seed`` (heads, bootstrap weights, normalisation samples, policy pairs) and PPO's (prompts, sampling
+    noise, minibatch order, LoRA adapters); the evaluation seeds of SFT and PPO become their defaults plus S. S = 0
+    gives the values of today's configs and defaults: ``--seed 0`` runs exactly what no ``--seed`` runs.
+    """
+    if seed is None:
+        return {phase: [] for phase in PHASES}
+    from rlhf_lightning.modules import PPOModule, SFTModule
+
+    def eval_seed(module: type) -> str:
+        default = inspect.signature(module).parameters["eval_seed"].default
+        return f"--model.init_args.eval_seed={default + seed}"
+
+    world = seed if world_seed is None else world_seed
+    every = [f"--seed_everything={seed}", f"--data.init_args.world.seed={world}"]
+    return {
+        "sft": [*every, eval_seed(SFTModule)],
+        "rm": [*every, f"--model.init_args.seed={seed}"],
+        "ppo": [*every, f"--model.init_args.seed={seed}", eval_seed(PPOModule)],
+    }
+
+
+def checkpoint_world_seed(path: Path) -> int | None:
+    """The seed of the generated world a phase checkpoint was trained on (its data module's hyperparameters); None
+    when it was trained on other data. Memory-mapped: the weights are not read."""
+    import torch
+
+    from rlhf_lightning.world import WorldConfig
+
+    data = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("datamodule_hyper_parameters")
+    if not data or not data.get("generate_world", True):
+        return None
+    world = data.get("world")
+    if world is None:
+        return WorldConfig().seed
+    return int(world["seed"] if isinstance(world, dict) else world.seed)
+
+
 def summarize(out: Path) -> dict[str, Any]:
-    """The final figures of the run: the last evaluation of the PPO policy against the SFT policy."""
+    """The figures of the run: the last evaluation of the PPO policy against the SFT policy, and the best held-out
+    gold reward along the run (at the iteration, TensorBoard's step, of its first occurrence) with final / best,
+    which is how much of its peak the run kept (None unless the best is positive: a ratio of rewards of either sign
+    means nothing)."""
     logged = read_scalars(out / "runs" / "ppo")
 
     def last(tag: str) -> float | None:
         series = logged.get(tag)
         return series[max(series)] if series else None
 
+    gold = logged.get("eval/gold_reward") or {}
+    best_step = max(gold, key=lambda step: (gold[step], -step)) if gold else None
+    best = gold[best_step] if best_step is not None else None
+    final = last("eval/gold_reward")
     return {
         "gold_reward_sft": last("eval/sft_gold_reward"),
-        "gold_reward_ppo": last("eval/gold_reward"),
+        "gold_reward_ppo": final,
+        "best_gold_reward_ppo": best,
+        "best_gold_iteration": best_step,
+        "final_over_best_gold": final / best if final is not None and best is not None and best > 0 else None,
         "win_rate_vs_sft": last("eval/win_rate"),
         "proxy_reward_sft": last("eval/sft_proxy_reward"),
         "proxy_reward_ppo": last("eval/proxy_reward"),
@@ -135,10 +196,64 @@ def summarize(out: Path) -> dict[str, Any]:
     }
 
 
-def pipeline_main(argv: list[str]) -> dict[str, Any]:
-    """``rlhf pipeline``; returns the summary it prints and writes."""
-    from rlhf_lightning.cli import main as rlhf_main
+#: The figures a seed study reports (keys of :func:`summarize`), with their labels, in the table's order.
+SEED_FIGURES = {
+    "gold_reward_sft": "gold reward, SFT",
+    "gold_reward_ppo": "gold reward, PPO (final)",
+    "best_gold_reward_ppo": "gold reward, PPO (best along the run)",
+    "final_over_best_gold": "gold final / best",
+    "win_rate_vs_sft": "win rate vs SFT",
+    "kl": "KL to SFT",
+    "per_input_distinct_2_sft": "per-input distinct-2, SFT",
+    "per_input_distinct_2_ppo": "per-input distinct-2, PPO",
+    "proxy_reward_sft": "proxy reward, SFT",
+    "proxy_reward_ppo": "proxy reward, PPO",
+}
 
+
+def summarize_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """A seed study from its runs' summaries (by seed): per figure, the values in seed order and their statistics."""
+    seeds = list(runs)
+    figures = {}
+    for key, label in SEED_FIGURES.items():
+        values = [runs[seed][key] for seed in seeds]
+        figures[key] = {"label": label, "values": values, **seed_stats(values)}
+    return {"seeds": seeds, "run_dirs": [runs[seed]["run_dir"] for seed in seeds], "figures": figures}
+
+
+def seeds_table(study: dict[str, Any]) -> str:
+    """The study as a Markdown table: a row per figure, the per-seed values, mean, 95% CI of the mean, min, max."""
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    head = ["figure", *(f"seed {seed}" for seed in study["seeds"]), "mean", "95% CI", "min", "max"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f in study["figures"].values():
+        ci = "-" if f["ci95"] is None else f"[{fmt(f['ci95'][0])}, {fmt(f['ci95'][1])}]"
+        row = [f["label"], *map(fmt, f["values"]), fmt(f["mean"]), ci, fmt(f["min"]), fmt(f["max"])]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"a seed is >= 0, got {seed}")
+    return seed
+
+
+def _seeds(text: str) -> list[int]:
+    seeds = [_seed(part.strip()) for part in text.split(",")]
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is given twice in {text!r}")
+    return seeds
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="rlhf pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/pipeline"), help="run directory")
     parser.add_argument(
@@ -154,6 +269,10 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--no-diagnose", action="store_true", help="skip the diagnosis at the end")
     parser.add_argument("--hf-model", type=Path, help="a local Hugging Face causal-LM directory (configs/hf/)")
     parser.add_argument("--hf-tokenizer", type=Path, help="its tokenizer directory (default: --hf-model)")
+    seeding = parser.add_mutually_exclusive_group()
+    seeding.add_argument("--seed", type=_seed, help="every seed of the recipe from this one (default: the configs')")
+    seeding.add_argument("--seeds", type=_seeds, help="comma-separated seeds: one run per seed in OUT/seed_S/, then "
+                         "OUT/summary.{json,md} with each figure's mean and 95%% confidence interval")  # fmt: skip
     for phase in PHASES:
         parser.add_argument(f"--{phase}-config", type=Path, help=f"default configs/<hf/>{phase}.yaml")
         parser.add_argument(f"--{phase}-args", default="", help=f"extra `rlhf fit` arguments of the {phase} phase")
@@ -185,12 +304,39 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
             parser.error(f"--{name.replace('_', '-')} {path} does not exist")
     if args.data_dir is not None and not args.data_dir.is_dir():
         parser.error(f"--data-dir {args.data_dir} is not a folder")
+    return args
+
+
+def pipeline_main(argv: list[str]) -> dict[str, Any]:
+    """``rlhf pipeline``; returns the summary it prints and writes (of the run, or of the seed study)."""
+    args = _parse_args(argv)
+    out = args.out.resolve()
+    if args.seeds is None:
+        return run_pipeline(args, out, args.seed)
+    runs = {seed: run_pipeline(args, out / f"seed_{seed}", seed) for seed in args.seeds}
+    study = summarize_seeds(runs)
+    table = seeds_table(study)
+    with atomic_open(out / "summary.json") as f:
+        json.dump(study, f, indent=2)
+    with atomic_open(out / "summary.md") as f:
+        f.write(f"# rlhf pipeline: {len(runs)} seeds\n\nEach figure over the seeds' runs (OUT/seed_S/summary.json): "
+                "mean, 95% confidence interval of the mean (Student t, n - 1 df), range.\n\n" + table)  # fmt: skip
+    print(f"\n== rlhf pipeline: {len(runs)} seeds ({out}/summary.md) ==\n{table}", end="")
+    return study
+
+
+def run_pipeline(args: argparse.Namespace, out: Path, seed: int | None) -> dict[str, Any]:
+    """The recipe once, in run directory ``out``, with the seeds of ``seed`` (see :func:`seed_args`)."""
+    from rlhf_lightning.cli import main as rlhf_main
 
     presets = [load_preset(path) for path in args.preset]
     preset = combine_presets(presets) if presets else None
-    out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     extra = phase_configs(preset, out)
+    # A reused checkpoint keeps the world it was trained on (under any seed): in another world's split, the held-out
+    # prompts the policies are evaluated on could be prompts it trained on.
+    reused = args.sft_checkpoint or args.rm_checkpoint
+    seeding = seed_args(seed, checkpoint_world_seed(reused) if reused and seed is not None else None)
     sft_ckpt = args.sft_checkpoint.resolve() if args.sft_checkpoint else Path("runs/sft/checkpoints/last.ckpt")
     rm_ckpt = args.rm_checkpoint.resolve() if args.rm_checkpoint else Path("runs/rm/checkpoints/last.ckpt")
     data = [f"--data.init_args.data_dir={args.data_dir.resolve()}", "--data.init_args.generate_world=false"] if (
@@ -217,7 +363,8 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
                 print(f"[pipeline] {phase}: skipped (checkpoint given)")
                 continue
             config = str(getattr(args, f"{phase}_config").resolve())
-            cmd = ["fit", "-c", config, *extra[phase], *data, *phase_args,
+            # The seeds come before the user's own overrides, which win.
+            cmd = ["fit", "-c", config, *extra[phase], *data, *seeding[phase], *phase_args,
                    *shlex.split(getattr(args, f"{phase}_args"))]  # fmt: skip
             print(f"[pipeline] {phase}: rlhf {' '.join(cmd)}", flush=True)
             start = time.perf_counter()
@@ -225,7 +372,7 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
             timings[phase] = time.perf_counter() - start
         if not args.no_diagnose:
             rlhf_main(["diagnose", "runs/ppo", "--out", "diagnose"])
-    summary = {**summarize(out), "seconds": timings, "run_dir": str(out)}
+    summary = {**summarize(out), "seed": seed, "seconds": timings, "run_dir": str(out)}
     if not args.no_diagnose:
         summary["report"] = str(out / "diagnose" / "report.md")
     with atomic_open(out / "summary.json") as f:
@@ -240,6 +387,8 @@ def _print_summary(s: dict[str, Any]) -> None:
 
     print("\n== rlhf pipeline summary ==")
     print(f"gold reward      SFT {fmt(s['gold_reward_sft'])}  ->  PPO {fmt(s['gold_reward_ppo'])}")
+    print(f"best gold        PPO {fmt(s['best_gold_reward_ppo'])} at iteration {fmt(s['best_gold_iteration'])}; "
+          f"final / best {fmt(s['final_over_best_gold'])}")  # fmt: skip
     print(f"win rate vs SFT  {fmt(s['win_rate_vs_sft'])} (gold judge, held-out prompts, ties count half)")
     print(f"proxy reward     SFT {fmt(s['proxy_reward_sft'])}  ->  PPO {fmt(s['proxy_reward_ppo'])}")
     print(f"KL to SFT        {fmt(s['kl'])} nats per response (beta {fmt(s['kl_coef'])})")

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
+import statistics
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from rlhf_lightning import pipeline
 from rlhf_lightning.cli import main
-from rlhf_lightning.pipeline import PHASES, combine_presets, load_preset, phase_configs
+from rlhf_lightning.pipeline import PHASES, combine_presets, load_preset, phase_configs, seed_args
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs" / "failures").glob("*.yaml")) + sorted((ROOT / "configs" / "fixes").glob("*.yaml"))
@@ -48,15 +52,118 @@ def test_pipeline_end_to_end_with_a_failure_preset_and_its_fix(tmp_path, capsys)
     assert "rlhf pipeline summary" in printed and "win rate vs SFT" in printed
 
 
-def test_pipeline_reuses_given_checkpoints(tmp_path):
-    first = tmp_path / "first"
-    main_pipeline(["--out", str(first), "--no-diagnose", *tiny_args()])
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Path:
+    """A tiny run without --seed (today's behaviour), for the tests that start from it or compare with it."""
+    out = tmp_path_factory.mktemp("default") / "run"
+    main_pipeline(["--out", str(out), "--no-diagnose", *tiny_args()])
+    return out
+
+
+def test_pipeline_reuses_given_checkpoints(default_run, tmp_path):
+    first = default_run
     second = tmp_path / "second"
     summary = main_pipeline(["--out", str(second), "--no-diagnose", "--sft-checkpoint",
                              str(first / "runs/sft/checkpoints/last.ckpt"), "--rm-checkpoint",
-                             str(first / "runs/rm/checkpoints/last.ckpt"), *tiny_args()])  # fmt: skip
+                             str(first / "runs/rm/checkpoints/last.ckpt"), "--seed", "3", *tiny_args()])  # fmt: skip
     assert not (second / "runs/sft").exists() and not (second / "runs/rm").exists()
     assert (second / "runs/ppo/checkpoints/last.ckpt").is_file() and set(summary["seconds"]) == {"ppo"}
+    # Under a seed, PPO takes it, but the world stays the checkpoints' (seed 0): its held-out prompts stay held out.
+    assert json.loads((second / "runs/world/world.json").read_text())["seed"] == 0
+    config = yaml.safe_load((second / "runs/ppo/config.yaml").read_text())
+    assert (config["seed_everything"], config["model"]["init_args"]["seed"]) == (3, 3)
+
+
+def recorded_seeds(run: Path) -> dict[str, Any]:
+    """The seeds a run used: the world's (world.json) and, per phase, those of the config LightningCLI saved."""
+    seeds: dict[str, Any] = {"world": json.loads((run / "runs/world/world.json").read_text())["seed"]}
+    for phase in PHASES:
+        config = yaml.safe_load((run / "runs" / phase / "config.yaml").read_text())
+        module = config["model"]["init_args"]
+        seeds[phase] = {"seed_everything": config["seed_everything"],
+                        **{key: module[key] for key in ("seed", "eval_seed") if key in module}}  # fmt: skip
+    return seeds
+
+
+def expected_seeds(s: int) -> dict[str, Any]:
+    """What --seed S sets; S = 0 is what the configs and the modules' defaults set today."""
+    return {"world": s, "sft": {"seed_everything": s, "eval_seed": 1234 + s}, "rm": {"seed_everything": s, "seed": s},
+            "ppo": {"seed_everything": s, "seed": s, "eval_seed": 1234 + s}}  # fmt: skip
+
+
+def test_seed_sets_the_world_and_every_phase_seed(default_run, tmp_path):
+    assert seed_args(None) == {phase: [] for phase in PHASES}  # no --seed: the configs as they are
+    assert recorded_seeds(default_run) == expected_seeds(0)
+    out = tmp_path / "seed1"
+    summary = main_pipeline(["--out", str(out), "--no-diagnose", "--seed", "1", *tiny_args()])
+    assert summary["seed"] == 1 and recorded_seeds(out) == expected_seeds(1)
+    for name in ("sft_train.jsonl", "prefs_train.jsonl", "prompts_val.jsonl"):  # another world
+        assert (out / "runs/world" / name).read_bytes() != (default_run / "runs/world" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--seed", "1", "--seeds", "0,1"], "not allowed with"), (["--seeds", "0,2,0"], "given twice"),
+     (["--seeds", "0,x"], "not an integer"), (["--seed", "-1"], "a seed is >= 0")],
+)  # fmt: skip
+def test_bad_seed_flags_fail_clearly(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main_pipeline(["--out", str(tmp_path), *argv])
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_summary_records_the_best_gold_along_the_run(monkeypatch, tmp_path):
+    logged = {"eval/gold_reward": {4: 1.0, 9: 2.0, 14: 2.0, 19: 1.5}, "objective/kl": dict.fromkeys(range(20), 0.1)}
+    monkeypatch.setattr(pipeline, "read_scalars", lambda run_dir: logged)
+    s = pipeline.summarize(tmp_path)
+    # the first of two equal peaks; the run kept 1.5 / 2.0 of it
+    assert (s["gold_reward_ppo"], s["best_gold_reward_ppo"], s["best_gold_iteration"]) == (1.5, 2.0, 9)
+    assert s["final_over_best_gold"] == 0.75 and s["iterations"] == 20
+    logged["eval/gold_reward"] = {4: -1.0, 9: -0.5, 19: -2.0}  # no ratio of negative rewards
+    s = pipeline.summarize(tmp_path)
+    assert (s["best_gold_reward_ppo"], s["best_gold_iteration"], s["final_over_best_gold"]) == (-0.5, 9, None)
+    del logged["eval/gold_reward"]  # no gold judge (a user's own data)
+    s = pipeline.summarize(tmp_path)
+    assert s["best_gold_reward_ppo"] is s["best_gold_iteration"] is s["final_over_best_gold"] is None
+
+
+FIGURES = ("gold_reward_sft", "gold_reward_ppo", "best_gold_reward_ppo", "best_gold_iteration", "final_over_best_gold",
+           "win_rate_vs_sft", "proxy_reward_sft", "proxy_reward_ppo", "kl", "kl_coef", "distinct_2",
+           "per_input_distinct_2_ppo", "per_input_distinct_2_sft", "iterations")  # fmt: skip
+
+
+def test_seeds_run_the_recipe_per_seed_and_summarise_them(default_run, tmp_path, capsys):
+    out = tmp_path / "study"
+    main(["pipeline", "--out", str(out), "--no-diagnose", "--seeds", "0,1", *tiny_args()])  # the `rlhf` command
+    runs = {s: json.loads((out / f"seed_{s}" / "summary.json").read_text()) for s in (0, 1)}
+    for s, run in runs.items():
+        assert run["seed"] == s and (out / f"seed_{s}/runs/ppo/checkpoints/last.ckpt").is_file()
+    assert recorded_seeds(out / "seed_1") == expected_seeds(1)
+    assert [pipeline.checkpoint_world_seed(out / f"seed_{s}/runs/sft/checkpoints/last.ckpt") for s in (0, 1)] == [0, 1]
+    # Seed 0 is the run without --seed, to the bit; seed 1 is another world and other figures.
+    default = json.loads((default_run / "summary.json").read_text())
+    assert {k: runs[0][k] for k in FIGURES} == {k: default[k] for k in FIGURES}
+    assert (out / "seed_0/runs/world/world.json").read_text() == (default_run / "runs/world/world.json").read_text()
+    assert {k: runs[1][k] for k in FIGURES} != {k: runs[0][k] for k in FIGURES}
+    # The study's statistics, recomputed from the per-seed files (two seeds: t = 12.7062 with 1 df).
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["run_dirs"] == [str(out / "seed_0"), str(out / "seed_1")]
+    assert set(saved["figures"]) >= {"gold_reward_sft", "gold_reward_ppo", "best_gold_reward_ppo",
+                                     "final_over_best_gold", "win_rate_vs_sft", "kl", "per_input_distinct_2_sft",
+                                     "per_input_distinct_2_ppo", "proxy_reward_ppo"}  # fmt: skip
+    for key, figure in saved["figures"].items():
+        values = [runs[0][key], runs[1][key]]
+        assert figure["values"] == values, key
+        if None in values:  # gold final / best is not defined for a negative best
+            assert figure["ci95"] is None, key
+            continue
+        mean, half = statistics.fmean(values), 12.7062 * statistics.stdev(values) / math.sqrt(2)
+        assert figure["mean"] == pytest.approx(mean) and figure["ci95"] == pytest.approx([mean - half, mean + half])
+        assert (figure["min"], figure["max"]) == (min(values), max(values)), key
+    table = (out / "summary.md").read_text()
+    assert "| figure | seed 0 | seed 1 | mean | 95% CI | min | max |" in table and "win rate vs SFT" in table
+    assert table.split("\n\n")[-1] in capsys.readouterr().out  # the table is printed at the end
 
 
 def main_pipeline(argv: list[str]) -> dict:

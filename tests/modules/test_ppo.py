@@ -329,14 +329,23 @@ def test_cli_end_to_end(base, tmp_path, monkeypatch, capsys):
 
 
 def test_sigkill_mid_run_resumes_to_the_same_end(base, tmp_path):
-    """A PPO run killed with SIGKILL after a checkpoint resumes from it and ends with the same metrics as an
-    uninterrupted run; no partially written checkpoint is left behind."""
+    """A PPO run killed with SIGKILL after its second checkpoint resumes from it and ends with the same metrics as an
+    uninterrupted run; no partially written checkpoint is left behind.
+
+    The run is killed while hang_hook.HangAfterIterations holds it at the start of its third iteration (after the
+    second iteration's checkpoint is written), so where it dies does not depend on the machine's speed."""
+    import json
     import os
     import signal
     import subprocess
     import sys
     import time
 
+    kill_at = 2
+    here = Path(__file__).resolve().parent
+    # This checkout's packages, and the folder of hang_hook for the subprocess to import the hook from.
+    paths = [str(CONFIGS.parent), str(CONFIGS.parent / "kernels"), str(here), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     args = ["fit", "-c", str(CONFIGS / "ppo.yaml"), f"--model.init_args.sft_checkpoint={base / SFT_CKPT}",
             f"--model.init_args.reward_checkpoint={base / RM_CKPT}", f"--data.init_args.data_dir={base / 'runs/world'}",
             "--data.init_args.generate_world=false", "--model.init_args.iterations=6",
@@ -345,35 +354,45 @@ def test_sigkill_mid_run_resumes_to_the_same_end(base, tmp_path):
             "--model.init_args.sampling.max_new_tokens=8", "--data.init_args.eval_prompts=8",
             "--trainer.callbacks.init_args.every_n_train_steps=2", *QUIET]  # fmt: skip
 
-    def run(where: Path, *extra: str, kill_at: int | None = None) -> None:
+    def run(where: Path, *extra: str) -> subprocess.Popen:
         where.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "rlhf_lightning.cli", *args, *extra]
-        proc = subprocess.Popen(cmd, cwd=where, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if kill_at is None:
-            _, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, err[-3000:]
-            return
-        last = where / "runs/ppo/checkpoints/last.ckpt"
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
-            if last.is_file() and torch.load(last, weights_only=False)[PPO_STATE_KEY]["iteration"] >= kill_at:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.2)
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+        # stderr to a file, not a pipe: a run held by the hook must not also be blocked on a full pipe.
+        with open(where / "stderr.log", "a") as log:
+            return subprocess.Popen([sys.executable, "-m", "rlhf_lightning.cli", *args, *extra], cwd=where, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
 
-    run(tmp_path / "whole")
-    run(tmp_path / "cut", kill_at=2)
+    def finish(where: Path, proc: subprocess.Popen) -> None:
+        try:
+            returncode = proc.wait(timeout=600)  # a safety net against a hung run, not a measure of speed
+        finally:
+            proc.kill()  # only a run the test gave up on is still there
+        assert returncode == 0, (where / "stderr.log").read_text()[-3000:]
+
+    finish(tmp_path / "whole", run(tmp_path / "whole"))
+    marker = tmp_path / "held"
+    hook = json.dumps({"class_path": "hang_hook.HangAfterIterations",
+                       "init_args": {"after": kill_at, "marker": str(marker)}})  # fmt: skip
+    proc = run(tmp_path / "cut", f"--trainer.callbacks+={hook}")
+    try:
+        # The marker decides when to kill; the deadline is only a safety net against a run that hangs elsewhere.
+        deadline = time.monotonic() + 600
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "the run ended or hung before the hook held it: " + (
+            tmp_path / "cut/stderr.log").read_text()[-3000:]  # fmt: skip
+    finally:
+        proc.kill()  # SIGKILL; also when the test gave up on the run, which must not outlive it
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
     ckpt_dir = tmp_path / "cut/runs/ppo/checkpoints"
     assert not [p for p in ckpt_dir.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]  # atomic writes
-    killed_at = torch.load(ckpt_dir / "last.ckpt", weights_only=False)[PPO_STATE_KEY]["iteration"]
-    assert 2 <= killed_at < 6
-    run(tmp_path / "cut", f"--ckpt_path={ckpt_dir / 'last.ckpt'}")
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)[PPO_STATE_KEY]["iteration"] == kill_at
+    finish(tmp_path / "cut", run(tmp_path / "cut", f"--ckpt_path={ckpt_dir / 'last.ckpt'}"))
     whole, cut = scalars(tmp_path / "whole/runs/ppo"), scalars(tmp_path / "cut/runs/ppo")
     for tag in ("objective/proxy_reward", "objective/kl", "policy/approx_kl", "eval/gold_reward"):
-        after = {step: v for step, v in whole[tag].items() if step >= killed_at}
+        after = {step: v for step, v in whole[tag].items() if step >= kill_at}
         assert after and after == {step: cut[tag][step] for step in after}, tag
+    assert max(whole["objective/kl"]) == max(cut["objective/kl"]) == 5  # both ran to the last iteration
 
 
 def test_ensemble_reward_pays_the_conservative_score(base, tmp_path, monkeypatch):
