@@ -489,9 +489,9 @@ class PPOModule(PhaseModule):
         mask = torch.cat([prompt_mask.bool(), resp_mask], 1)
         p = prompt_ids.shape[1]
         want_full = h.kl_estimator == "full"
-        logp, logits = self._response_logprobs(self.policy, ids, mask, p, out.response_ids, resp_mask, want_full)
-        ref_logp, ref_logits = self._response_logprobs(self.ref_policy, ids, mask, p, out.response_ids, resp_mask,
-                                                       want_full)  # fmt: skip
+        score = (ids, mask, p, out.response_ids, resp_mask, self._temperature, want_full)
+        logp, logits = self._response_logprobs(self.policy, *score)
+        ref_logp, ref_logits = self._response_logprobs(self.ref_policy, *score)
         full_kl = None
         if want_full:
             full_kl = _scatter(rlhf_kernels.kl_from_logits(logits, ref_logits, self._temperature), resp_mask)
@@ -544,20 +544,22 @@ class PPOModule(PhaseModule):
     def _temperature(self) -> float:
         return self.sampling.temperature or 1.0
 
+    @staticmethod
     def _response_logprobs(
-        self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, p: int, response_ids: torch.Tensor,
-        response_mask: torch.Tensor, keep_logits: bool,
+        model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, p: int, response_ids: torch.Tensor,
+        response_mask: torch.Tensor, temperature: float, keep_logits: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-        """(B, R) log-probs of the response tokens under ``model`` (0 at padding), and the (N, V) logits at the real
-        response positions when ``keep_logits``.
+        """(B, R) log-probs of the response tokens under ``model`` at ``temperature`` (0 at padding), and the (N, V)
+        logits at the real response positions when ``keep_logits``. They must equal :func:`generate`'s log-probs
+        (the importance ratio starts at 1).
 
         Args:
             ids, mask: (B, P + R) prompt + response; p: P.
             response_ids, response_mask: (B, R).
         """
-        hidden = self._response_hidden(model, ids, mask, p, response_ids.shape[1])  # (B, R, D)
+        hidden = PPOModule._response_hidden(model, ids, mask, p, response_ids.shape[1])  # (B, R, D)
         logits = hidden[response_mask] @ model.lm_head_weight.T  # (N, V)
-        logp = rlhf_kernels.token_logprobs(logits, response_ids[response_mask], self._temperature)
+        logp = rlhf_kernels.token_logprobs(logits, response_ids[response_mask], temperature)
         return _scatter(logp.float(), response_mask), logits if keep_logits else None
 
     @staticmethod

@@ -1,0 +1,38 @@
+"""PPO's scoring pass against the sampler, without a training run: the log-probs PPO records as the rollout's "old"
+log-probs must be the sampler's own, for every backbone, on left-padded prompts (or the first ratio is not 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_lightning.hf_tiny import make_tiny_hf
+from rlhf_lightning.models.hf import HFCausalLM
+from rlhf_lightning.models.sampling import SamplingConfig, generate
+from rlhf_lightning.models.tinygpt import GPTConfig, TinyGPT
+from rlhf_lightning.modules import PPOModule
+
+EOS, PAD = 0, 1
+
+
+def tiny_backbone(kind: str, tmp_path) -> torch.nn.Module:
+    if kind == "hf":
+        return HFCausalLM.from_pretrained(make_tiny_hf(tmp_path / "gpt2", d_model=16, n_layer=1))
+    return TinyGPT(GPTConfig(vocab_size=40, n_layer=1, n_head=2, d_model=16, max_seq_len=32, dropout=0.0))
+
+
+@pytest.mark.parametrize("kind", ["tinygpt", "hf"])
+def test_scoring_log_probs_equal_the_samplers_on_left_padded_prompts(kind, tmp_path):
+    model = tiny_backbone(kind, tmp_path).eval()
+    # Rows padded by 0, 2 and 4 columns: the real tokens of a padded row must keep positions 0, 1, ...
+    lengths = torch.tensor([6, 4, 2])
+    mask = torch.arange(6).unsqueeze(0) >= (6 - lengths).unsqueeze(1)  # (3, 6)
+    prompt_ids = torch.where(mask, torch.randint(2, 30, mask.shape), torch.full(mask.shape, PAD))
+    gen = torch.Generator().manual_seed(0)
+    out = generate(model, prompt_ids, mask, SamplingConfig(max_new_tokens=6, temperature=0.7), EOS, PAD, gen)
+    ids = torch.cat([prompt_ids, out.response_ids], 1)
+    full_mask = torch.cat([mask, out.response_mask], 1)
+    with torch.no_grad():
+        logp, _ = PPOModule._response_logprobs(model, ids, full_mask, 6, out.response_ids, out.response_mask, 0.7,
+                                               False)  # fmt: skip
+    torch.testing.assert_close(logp, out.logprobs, rtol=0, atol=1e-5)
