@@ -97,6 +97,10 @@ class _PPOLoss(torch.autograd.Function):
             # needed afterwards, so backward is a no-op or one scale, and no second (N, V) buffer ever exists.
             stats = backend.logprob_forward(logits, targets, ctx.temperature, True, coef_fn, grad_out=logits)
             logits.index_fill_(0, ctx.invalid_rows, 0.0)
+            # A kernel's write through the data pointer is invisible to autograd: bump the version counter (shared
+            # with every view) explicitly, so a node that saved these logits raises in backward instead of reading
+            # the gradient; the fill above bumps it too, but only as a side effect of a row clean-up.
+            torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(logits)
         else:
             stats = backend.logprob_forward(logits, targets, ctx.temperature, True)

@@ -476,3 +476,18 @@ def test_stats_carry_no_gradient(backend: str) -> None:
     assert loss.requires_grad
     assert not any(s.requires_grad for s in stats)
     assert all(s.shape == () for s in (loss, *stats))
+
+
+@pytest.mark.parametrize("all_valid", [False, True])
+def test_inplace_write_invalidates_other_consumers_of_the_logits(backend: str, all_valid: bool) -> None:
+    """The in-place gradient destroys the logits: a second node that saved them (or a view) must raise in backward,
+    not silently differentiate the gradient instead of the logits."""
+    batch = ppo_batch(6, 37)
+    if all_valid:  # no padding row to clear: the kernel's write alone must be seen by autograd
+        batch["mask"] = torch.ones(6, dtype=torch.bool)
+    logits = leaf(batch["logits"])
+    x = logits * 1
+    other = (x[:, :5] ** 2).sum()  # saves a view of the logits
+    loss, _ = ppo_loss_from_logits(x, **_args(batch), inplace=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other).backward()
