@@ -124,9 +124,11 @@ class PPOModule(PhaseModule):
         rollout_batch: prompts (responses) per iteration and rank.
         minibatch_size: responses per optimizer step; must divide rollout_batch.
         ppo_epochs: passes over each rollout.
-        sampling: how responses are sampled (its temperature is also the one the loss uses).
+        sampling: how responses are sampled (its temperature is also the one the loss uses). Greedy (temperature 0),
+            top_k and top_p < 1 are refused: PPO's log-probs are those of the whole softmax(logits / T).
         lora: train LoRA adapters on the frozen SFT weights instead of the whole policy (needs the ``lora`` extra,
-            peft); the reference is then the policy with its adapters disabled. None: full fine-tuning.
+            peft); the reference is then the policy with its adapters disabled. None: full fine-tuning. The adapters'
+            dropout (``lora.dropout``) is switched off like every dropout of the policy (see :func:`disable_dropout`).
         lr, critic_lr: learning rates of the policy and of the critic (value head and its backbone).
         weight_decay, betas: AdamW settings.
         warmup_steps: optimizer steps of linear warmup; then linear decay to ``min_lr_ratio * lr`` at the last step.
@@ -222,8 +224,8 @@ class PPOModule(PhaseModule):
         self.automatic_optimization = False
         # The argument, not hparams.lora: under LightningCLI the saved hyperparameters hold the parsed config (dicts).
         self.lora = lora
-        self._check_config()
         self.sampling = sampling or SamplingConfig(max_new_tokens=32, temperature=1.0)
+        self._check_config()
         self.kl_ctl = kl_controller_from(self.hparams)
         self.score_moments = RunningMoments()
         self.iteration = 0
@@ -249,6 +251,18 @@ class PPOModule(PhaseModule):
                 raise ValueError(f"{name} must be > 0, got {getattr(h, name)}")
         if h.rollout_batch % h.minibatch_size:
             raise ValueError(f"minibatch_size ({h.minibatch_size}) must divide rollout_batch ({h.rollout_batch})")
+        # The rollout's log-probs (and the update's) are those of the full softmax(logits / T): sampling from another
+        # distribution would make the first ratio differ from 1 and the k1 KL biased.
+        s = self.sampling
+        if s.temperature == 0:
+            raise ValueError("sampling.temperature 0 (greedy) cannot be used by PPO: its log-probs are those of "
+                             "softmax(logits / T), not of the greedy choice; use a temperature > 0")  # fmt: skip
+        for name, value, off in (("top_k", s.top_k, 0), ("top_p", s.top_p, 1.0)):
+            if value != off:
+                raise ValueError(
+                    f"sampling.{name} {value} cannot be used by PPO: its log-probs are those of the whole "
+                    f"temperature-scaled distribution, not the truncated one; set {name}: {off}"
+                )
         if h.shard and h.lora is not None:
             raise ValueError(
                 "shard and lora together are not supported yet (sharding a peft-wrapped policy is untested)"
@@ -323,6 +337,7 @@ class PPOModule(PhaseModule):
         if self.lora is not None:
             # Wrapped last: peft changes the backbone in place, and a critic copied from it must not carry adapters.
             self.policy = LoRABackbone(policy, self.lora, seed=h.seed)
+            disable_dropout(self.policy)  # again: peft adds its own dropout (lora.dropout) on the adapters' input
             self.ref_policy = AdaptersDisabled(self.policy)
         if h.shard:
             for model in (self.policy, self.critic_backbone, self.value_head):

@@ -36,3 +36,14 @@ def test_scoring_log_probs_equal_the_samplers_on_left_padded_prompts(kind, tmp_p
         logp, _ = PPOModule._response_logprobs(model, ids, full_mask, 6, out.response_ids, out.response_mask, 0.7,
                                                False)  # fmt: skip
     torch.testing.assert_close(logp, out.logprobs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("sampling", "setting"),
+    [({"temperature": 0.0}, "temperature 0"), ({"top_k": 5}, "top_k 5"), ({"top_p": 0.9}, "top_p 0.9")],
+)
+def test_sampling_whose_log_probs_ppo_does_not_compute_is_refused(sampling, setting, tmp_path):
+    # Refused before the checkpoints are even looked for (they do not exist here).
+    with pytest.raises(ValueError, match=f"sampling.{setting}"):
+        PPOModule(sft_checkpoint=str(tmp_path / "sft.ckpt"), reward_source="gold",
+                  sampling=SamplingConfig(max_new_tokens=4, **sampling))  # fmt: skip
