@@ -144,9 +144,15 @@ class PPOModule(PhaseModule):
         kl_controller: "fixed", "adaptive" (towards ``kl_target`` over ``kl_horizon`` samples, within
             [kl_min, kl_max]) or "annealed" (from kl_coef to ``kl_floor`` over ``kl_anneal_iterations`` with
             ``kl_schedule``).
-        kl_estimator: per-token KL: "k1", "k2", "k3" (from the sampled tokens) or "full" (exact, from both models'
-            logits over the vocabulary; in the reward only).
+        kl_estimator: the per-token KL penalised. In the reward (``kl_in_loss`` false) only "k1": the reward is a
+            constant to the policy gradient, whose score-function estimate then has the KL's own gradient only for
+            k1 (k2 and k3 give a biased one, "full" none at the sampled token). In the loss: "k2" (gradient of
+            KL(pi || ref) in expectation), "k3" (of the reverse KL, GRPO's choice) or "full" (the exact KL over the
+            vocabulary from both models' logits: the exact gradient, no sampling noise; one more reference forward
+            per minibatch); k1 is refused there (its gradient is zero in expectation).
         kl_in_loss: put ``beta * k(logp, ref_logp)`` in the loss instead of the reward (GRPO style).
+        kl_metric: the estimator logged as ``objective/kl`` and fed to the KL controller: "k1", "k2", "k3" or "full"
+            (k3 or full: a low-noise, non-negative measurement; full costs both models' (N, V) logits per rollout).
         score_clip: scores are clipped to +- score_clip (None: no clipping).
         score_norm: "none", or "running": scores standardised by running statistics of all scores so far.
         length_debias: take out of each rollout's scores their straight-line trend in response length (a fix for a
@@ -206,6 +212,7 @@ class PPOModule(PhaseModule):
         kl_schedule: Literal["cosine", "linear", "exponential"] = "cosine",
         kl_estimator: KLEstimator = "k1",
         kl_in_loss: bool = False,
+        kl_metric: KLEstimator = "k1",
         score_clip: float | None = 5.0,
         score_norm: Literal["none", "running"] = "none",
         length_debias: bool = False,
@@ -267,13 +274,20 @@ class PPOModule(PhaseModule):
             raise ValueError(
                 "shard and lora together are not supported yet (sharding a peft-wrapped policy is untested)"
             )
-        if h.kl_in_loss and h.kl_estimator in ("full", "k1"):
+        for name in ("kl_estimator", "kl_metric"):
+            if getattr(h, name) not in KL_ESTIMATORS:
+                raise ValueError(f"{name} must be one of {KL_ESTIMATORS}, got {getattr(h, name)!r}")
+        if h.kl_in_loss and h.kl_estimator == "k1":
             # In the loss only the estimator's gradient acts: k1's is zero in expectation (no pull towards the
-            # reference at all), k2's is that of KL(pi || ref), k3's that of KL(ref || pi) (GRPO's choice).
-            raise ValueError(f"kl_estimator {h.kl_estimator!r} cannot be used with kl_in_loss: use k2 or k3 (k1's "
-                             "gradient is zero in expectation; 'full' works in the reward only)")  # fmt: skip
-        if h.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {h.kl_estimator!r}")
+            # reference at all), k2's is that of KL(pi || ref), k3's that of KL(ref || pi), full's the exact one.
+            raise ValueError("kl_estimator 'k1' cannot be used with kl_in_loss: its gradient is zero in expectation; "
+                             "use k2, k3 or full")  # fmt: skip
+        if not h.kl_in_loss and h.kl_estimator != "k1":
+            # In the reward the penalty acts through the score-function gradient E[kl_t grad log pi(y_t)], which is
+            # grad KL only for k1 (docs/kl_penalty.md).
+            raise ValueError(f"kl_estimator {h.kl_estimator!r} in the reward has a biased (or zero) policy gradient; "
+                             "use k1 in the reward, or kl_in_loss: true with it (set kl_metric to log another "
+                             "estimator)")  # fmt: skip
         if h.critic not in ("separate", "shared"):
             raise ValueError(f"critic must be 'separate' or 'shared', got {h.critic!r}")
         if h.score_norm not in ("none", "running"):
@@ -503,7 +517,7 @@ class PPOModule(PhaseModule):
         ids = torch.cat([prompt_ids, out.response_ids], 1)  # (B, P + R)
         mask = torch.cat([prompt_mask.bool(), resp_mask], 1)
         p = prompt_ids.shape[1]
-        want_full = h.kl_estimator == "full"
+        want_full = h.kl_metric == "full"
         score = (ids, mask, p, out.response_ids, resp_mask, self._temperature, want_full)
         logp, logits = self._response_logprobs(self.policy, *score)
         ref_logp, ref_logits = self._response_logprobs(self.ref_policy, *score)
@@ -520,10 +534,14 @@ class PPOModule(PhaseModule):
             # All ranks' scores: every rank normalises with the same statistics and checkpoints the same state.
             self.score_moments.update(self.trainer.strategy.all_gather(scores))
             scores = (scores - self.score_moments.mean) / self.score_moments.std
-        kl = per_token_kl(logp, ref_logp, resp_mask, h.kl_estimator, full_kl)
+        kl = per_token_kl(logp, ref_logp, resp_mask, h.kl_metric, full_kl)  # (B, R) logged, and the controller's
+        if h.kl_in_loss:
+            penalty_kl = torch.zeros_like(kl)
+        else:  # k1, the one estimator with the right gradient in the reward (_check_config)
+            penalty_kl = kl if h.kl_metric == "k1" else per_token_kl(logp, ref_logp, resp_mask, "k1")
         beta = self.kl_ctl.value
-        shaped = shape_rewards(scores, torch.zeros_like(kl) if h.kl_in_loss else kl, resp_mask, beta, out.ended,
-                               h.missing_eos_penalty, h.score_clip)  # fmt: skip
+        shaped = shape_rewards(scores, penalty_kl, resp_mask, beta, out.ended, h.missing_eos_penalty,
+                               h.score_clip)  # fmt: skip
         self._check_finite("reward (shaped per-token rewards)", shaped.rewards, iteration)
         advantages, returns = gae(shaped.rewards, values, resp_mask, h.gamma, h.lam)
         if h.whiten_advantages:
@@ -669,13 +687,17 @@ class PPOModule(PhaseModule):
         sel = mb.response_mask
         hidden = self.policy(ids, mask)  # (b, P + R, D)
         logits = hidden[:, p - 1 : p + r - 1][sel] @ self.policy.lm_head_weight.T  # (N, V)
+        ref_logits = None
+        if h.kl_in_loss and h.kl_estimator == "full":
+            with torch.no_grad():  # the exact KL in the loss reads the reference's logits at the same positions
+                ref_logits = self.ref_policy(ids, mask)[:, p - 1 : p + r - 1][sel] @ self.ref_policy.lm_head_weight.T
         beta = self.kl_ctl.value
         pg_loss, pstats = rlhf_kernels.ppo_loss_from_logits(
             logits, mb.response_ids[sel], mb.logprobs[sel], mb.advantages[sel], torch.ones_like(sel[sel]),
             clip_eps_low=h.clip_eps, clip_eps_high=h.clip_eps if h.clip_eps_high is None else h.clip_eps_high,
             entropy_coef=h.entropy_coef, ref_logp=mb.ref_logprobs[sel] if h.kl_in_loss else None,
             kl_coef=beta if h.kl_in_loss else 0.0, kl_estimator=h.kl_estimator if h.kl_in_loss else "k1",
-            temperature=self._temperature, inplace=True,
+            temperature=self._temperature, inplace=True, ref_logits=ref_logits,
         )  # fmt: skip
         if self.critic_backbone is not None:
             values = self.value_head(self.critic_backbone(ids, mask)[:, p - 1 : p + r - 1])  # (b, R)

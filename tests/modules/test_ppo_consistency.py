@@ -38,12 +38,31 @@ def test_scoring_log_probs_equal_the_samplers_on_left_padded_prompts(kind, tmp_p
     torch.testing.assert_close(logp, out.logprobs, rtol=0, atol=1e-5)
 
 
+def ppo(tmp_path, **kwargs) -> PPOModule:
+    """A module whose settings are checked (the checkpoints it names do not exist: only errors before that show)."""
+    return PPOModule(sft_checkpoint=str(tmp_path / "sft.ckpt"), reward_source="gold", **kwargs)
+
+
 @pytest.mark.parametrize(
     ("sampling", "setting"),
     [({"temperature": 0.0}, "temperature 0"), ({"top_k": 5}, "top_k 5"), ({"top_p": 0.9}, "top_p 0.9")],
 )
 def test_sampling_whose_log_probs_ppo_does_not_compute_is_refused(sampling, setting, tmp_path):
-    # Refused before the checkpoints are even looked for (they do not exist here).
     with pytest.raises(ValueError, match=f"sampling.{setting}"):
-        PPOModule(sft_checkpoint=str(tmp_path / "sft.ckpt"), reward_source="gold",
-                  sampling=SamplingConfig(max_new_tokens=4, **sampling))  # fmt: skip
+        ppo(tmp_path, sampling=SamplingConfig(max_new_tokens=4, **sampling))
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k3", "full"])
+def test_only_k1_is_accepted_as_the_kl_in_the_reward(estimator, tmp_path):
+    # Only k1 has the KL's gradient under the score-function estimator: the others are refused at start-up...
+    with pytest.raises(ValueError, match=f"kl_estimator '{estimator}' in the reward has a biased"):
+        ppo(tmp_path, kl_estimator=estimator)
+    # ...and are fine as the logged KL, or in the loss (both pass the settings' checks: the missing file stops them).
+    for settings in ({"kl_metric": estimator}, {"kl_estimator": estimator, "kl_in_loss": True}):
+        with pytest.raises(FileNotFoundError, match="sft_checkpoint"):
+            ppo(tmp_path, **settings)
+
+
+def test_unknown_kl_metric_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="kl_metric must be one of"):
+        ppo(tmp_path, kl_metric="k4")
