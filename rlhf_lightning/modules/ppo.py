@@ -118,8 +118,8 @@ class PPOModule(PhaseModule):
             gold judge: an oracle baseline) or "package.module:function", a callable ``(prompts, responses) -> scores``.
         ensemble_k: weight of the ensemble's disagreement in the conservative reward (0: the ensemble mean).
         critic: "separate" (a value head on its own backbone, initialised from the reward model's trunk and head,
-            InstructGPT style; from the SFT backbone for other reward sources) or "shared" (a value head on the
-            policy's trunk).
+            InstructGPT style: an ensemble's mean head on its shared trunk, or member 0 of an ensemble of backbones;
+            from the SFT backbone for other reward sources) or "shared" (a value head on the policy's trunk).
         iterations: PPO iterations of the run (one rollout + its epochs each).
         rollout_batch: prompts (responses) per iteration and rank.
         minibatch_size: responses per optimizer step; must divide rollout_batch.
@@ -135,7 +135,10 @@ class PPOModule(PhaseModule):
         min_lr_ratio: 1.0 keeps the learning rate constant after warmup.
         max_grad_norm: gradient clipping, applied to the policy and to the critic separately.
         clip_eps, clip_eps_high: ratio clip range [1 - clip_eps, 1 + clip_eps_high] (clip_eps_high None: symmetric).
-        value_clip: the value loss is clipped to +- value_clip around the rollout's values (None: no clipping).
+        value_clip: the value loss is clipped to +- value_clip around the rollout's values (None: no clipping), in
+            units of a typical score: as given for normalised scores (the reward model's, or ``score_norm:
+            running``), times the running std of the raw scores otherwise (gold judge, callable), so that a reward
+            on another scale neither freezes the critic nor leaves it unclipped.
         vf_coef: weight of the value loss.
         entropy_coef: weight of the entropy bonus (a fix for mode collapse).
         gamma, lam: GAE's discount and lambda.
@@ -360,12 +363,14 @@ class PPOModule(PhaseModule):
 
     @torch.no_grad()
     def _init_value_head_from_reward(self, reward_model: nn.Module) -> None:
-        """The value head starts as the reward model's first head on its normalised scale, so the critic's first
-        estimates are the reward model's opinion of each prefix rather than 0."""
-        proj = reward_model.heads[0].proj
-        mean, std = reward_model.norm_mean[0], reward_model.norm_std[0]
-        self.value_head.proj.weight.copy_(proj.weight / std)
-        self.value_head.proj.bias.copy_((proj.bias - mean) / std)
+        """The value head starts as the reward model's head on its normalised scale, so the critic's first estimates
+        are the reward model's opinion of each prefix rather than 0: for an ensemble of heads on one trunk, the
+        members' mean (exactly the ensemble's mean score; the conservative ``ensemble_k`` term is not linear and is
+        left to the critic to learn); for an ensemble of backbones, member 0's, whose trunk the critic copies
+        (see :meth:`RewardModel.normalised_mean_head`)."""
+        weight, bias = reward_model.normalised_mean_head()
+        self.value_head.proj.weight.copy_(weight)
+        self.value_head.proj.bias.copy_(bias)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         h = self.hparams
@@ -530,9 +535,10 @@ class PPOModule(PhaseModule):
         scores, length_slope = raw_scores, None
         if h.length_debias:
             scores, length_slope = remove_length_trend(raw_scores, resp_mask.sum(-1))
-        if h.score_norm == "running":
+        if h.score_norm == "running" or self._raw_score_units:
             # All ranks' scores: every rank normalises with the same statistics and checkpoints the same state.
             self.score_moments.update(self.trainer.strategy.all_gather(scores))
+        if h.score_norm == "running":
             scores = (scores - self.score_moments.mean) / self.score_moments.std
         kl = per_token_kl(logp, ref_logp, resp_mask, h.kl_metric, full_kl)  # (B, R) logged, and the controller's
         if h.kl_in_loss:
@@ -572,6 +578,23 @@ class PPOModule(PhaseModule):
             metrics["objective/ensemble_std"] = float(self._last_ensemble_std)
         info = {"metrics": metrics, "generate_s": t1 - t0, "score_s": t2 - t1, "tokens": int(resp_mask.sum())}
         return rollout, info
+
+    @property
+    def _raw_score_units(self) -> bool:
+        """Whether the scores the policy sees are in the reward source's own units (not normalised: neither the
+        reward model's SFT-centred scores nor ``score_norm: running``)."""
+        h = self.hparams
+        return h.reward_source != "model" and h.score_norm == "none"
+
+    @property
+    def _value_clip(self) -> float | None:
+        """``value_clip`` in the units of the values: times the running std of the scores when they are raw (a
+        constant reward so far, std 0, leaves it as given)."""
+        h = self.hparams
+        if h.value_clip is None or not self._raw_score_units:
+            return h.value_clip
+        std = self.score_moments.std
+        return h.value_clip * std if std > 0 else h.value_clip
 
     @property
     def _temperature(self) -> float:
@@ -703,7 +726,7 @@ class PPOModule(PhaseModule):
             values = self.value_head(self.critic_backbone(ids, mask)[:, p - 1 : p + r - 1])  # (b, R)
         else:
             values = self.value_head(hidden[:, p - 1 : p + r - 1])
-        v_loss, v_clipfrac = clipped_value_loss(values.float(), mb.values, mb.returns, sel, h.value_clip)
+        v_loss, v_clipfrac = clipped_value_loss(values.float(), mb.values, mb.returns, sel, self._value_clip)
         loss = pg_loss + h.vf_coef * v_loss
         stats = {
             "policy/loss": float(pg_loss.detach()),

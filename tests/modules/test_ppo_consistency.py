@@ -66,3 +66,18 @@ def test_only_k1_is_accepted_as_the_kl_in_the_reward(estimator, tmp_path):
 def test_unknown_kl_metric_is_refused(tmp_path):
     with pytest.raises(ValueError, match="kl_metric must be one of"):
         ppo(tmp_path, kl_metric="k4")
+
+
+def test_value_clip_is_in_units_of_the_scores(tmp_path):
+    for name in ("sft.ckpt", "rm.ckpt"):
+        (tmp_path / name).touch()  # the checks only ask that the files exist
+    scores = torch.tensor([0.0, 10.0, 20.0])  # std 10
+    settings = [
+        ({"reward_source": "gold"}, 2.0),  # raw scores: 0.2 typical scores = 0.2 std
+        ({"reward_source": "gold", "score_norm": "running"}, 0.2),  # already standardised
+        ({"reward_checkpoint": str(tmp_path / "rm.ckpt")}, 0.2),
+    ]  # the reward model's normalised scores
+    for kwargs, expected in settings:  # fmt: skip
+        module = PPOModule(sft_checkpoint=str(tmp_path / "sft.ckpt"), value_clip=0.2, **kwargs)
+        module.score_moments.update(scores)
+        assert module._value_clip == pytest.approx(expected), kwargs
