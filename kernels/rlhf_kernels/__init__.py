@@ -15,12 +15,13 @@ from rlhf_kernels.ops import (
     token_logprobs,
 )
 from rlhf_kernels.reference import apply_temperature
-from rlhf_kernels.types import KL_ESTIMATORS, PPOLossStats
+from rlhf_kernels.types import KL_ESTIMATORS, SAMPLED_KL_ESTIMATORS, PPOLossStats
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "KL_ESTIMATORS",
+    "SAMPLED_KL_ESTIMATORS",
     "PPOLossStats",
     "apply_temperature",
     "bradley_terry_loss",

@@ -14,7 +14,7 @@ from torch.autograd.function import once_differentiable
 from rlhf_kernels import reference
 from rlhf_kernels.dispatch import resolve_backend
 from rlhf_kernels.ppo_terms import ppo_token_terms
-from rlhf_kernels.types import KL_ESTIMATORS, PPOLossStats
+from rlhf_kernels.types import KL_ESTIMATORS, SAMPLED_KL_ESTIMATORS, PPOLossStats
 from rlhf_kernels.validate import (
     check_choice,
     check_logits,
@@ -67,18 +67,25 @@ class _KLFromLogits(torch.autograd.Function):
 
 class _PPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, old_logp, advantages, valid, ref_logp, cfg, temperature, inplace, backend):  # type: ignore[override]
+    def forward(ctx, logits, targets, old_logp, advantages, valid, ref_logp, ref_logits, cfg, temperature, inplace,
+                backend):  # type: ignore[override]  # fmt: skip
         n = logits.shape[0]
         cdt = reference.compute_dtype(logits.dtype)
         inv_count = 1.0 / valid.sum().clamp(min=1).to(cdt)
         per_token = torch.zeros(4, n, dtype=cdt, device=logits.device)  # loss, clipped, approx_kl, ratio
         c_lp = torch.zeros(n, dtype=cdt, device=logits.device)
         c_h = torch.zeros_like(c_lp) if cfg["entropy_coef"] != 0.0 else None
+        # The exact KL in the loss: its statistics are read before anything overwrites the logits, and its gradient
+        # (weight c_kl per row) is the KL op's own, added to the PPO terms' gradient.
+        full = ref_logits is not None
+        kl_stats = backend.kl_forward(logits, ref_logits, temperature) if full else None
+        c_kl = torch.where(valid, cfg["kl_coef"] * inv_count, torch.zeros_like(c_lp)) if full else None
 
         def coef_fn(rows: slice, logp: torch.Tensor, entropy: torch.Tensor):
             terms = ppo_token_terms(
                 logp, entropy, old_logp[rows], advantages[rows], valid[rows], inv_count,
                 ref_logp=None if ref_logp is None else ref_logp[rows], **cfg,
+                full_kl=kl_stats[0][rows] if full else None,
             )  # fmt: skip
             for i, x in enumerate((terms.loss, terms.clipped, terms.approx_kl, terms.ratio)):
                 per_token[i, rows] = x
@@ -91,17 +98,27 @@ class _PPOLoss(torch.autograd.Function):
         # coefficients are 0, but 0 * NaN is NaN, so the rows are cleared after the gradient is written.
         ctx.invalid_rows = (~valid).nonzero().squeeze(1)
         grad_now = inplace and ctx.needs_input_grad[0]
-        ctx.backend, ctx.temperature, ctx.grad_in_logits = backend, temperature, grad_now
+        ctx.backend, ctx.temperature, ctx.grad_in_logits, ctx.full = backend, temperature, grad_now, full
         if grad_now:
             # The gradient (for a unit upstream gradient) overwrites the logits: the caller promised they are not
-            # needed afterwards, so backward is a no-op or one scale, and no second (N, V) buffer ever exists.
+            # needed afterwards, so backward is a no-op or one scale. Only the exact KL needs a second (N, V) buffer
+            # (its gradient, taken from the logits before they are overwritten).
+            kl_grad = _kl_grad(backend, logits, ref_logits, kl_stats, c_kl, temperature) if full else None
             stats = backend.logprob_forward(logits, targets, ctx.temperature, True, coef_fn, grad_out=logits)
+            if full:
+                logits.add_(kl_grad)
             logits.index_fill_(0, ctx.invalid_rows, 0.0)
+            # A kernel's write through the data pointer is invisible to autograd: bump the version counter (shared
+            # with every view) explicitly, so a node that saved these logits raises in backward instead of reading
+            # the gradient; the fill above bumps it too, but only as a side effect of a row clean-up.
+            torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(logits)
         else:
             stats = backend.logprob_forward(logits, targets, ctx.temperature, True)
             coef_fn(slice(0, n), stats.logp, stats.entropy)
-            ctx.save_for_backward(logits, targets, stats.lse, stats.entropy, c_lp, c_lp if c_h is None else c_h)
+            kl_saved = (ref_logits, *kl_stats, c_kl) if full else ()
+            ctx.save_for_backward(logits, targets, stats.lse, stats.entropy, c_lp, c_lp if c_h is None else c_h,
+                                  *kl_saved)  # fmt: skip
             ctx.has_c_h = c_h is not None
         entropy_mean = torch.where(valid, stats.entropy, torch.zeros_like(stats.entropy)).sum() * inv_count
         loss, clip_fraction, approx_kl, ratio = per_token.sum(dim=1).unbind()
@@ -115,14 +132,29 @@ class _PPOLoss(torch.autograd.Function):
             if not bool((grad_loss == 1).all()):
                 grad.mul_(grad_loss.to(grad.dtype))
         else:
-            logits, targets, lse, entropy, c_lp, c_h = ctx.saved_tensors
+            logits, targets, lse, entropy, c_lp, c_h, *kl_saved = ctx.saved_tensors
             grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
             ctx.backend.logprob_backward(
                 logits, targets, lse, entropy, c_lp * grad_loss, c_h * grad_loss if ctx.has_c_h else None,
                 ctx.temperature, grad,
             )  # fmt: skip
+            if ctx.full:
+                ref_logits, kl, lse_p, lse_q, c_kl = kl_saved
+                grad.add_(_kl_grad(ctx.backend, logits, ref_logits, (kl, lse_p, lse_q), c_kl * grad_loss,
+                                   ctx.temperature))  # fmt: skip
             grad.index_fill_(0, ctx.invalid_rows, 0.0)
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None
+
+
+def _kl_grad(
+    backend, logits: torch.Tensor, ref_logits: torch.Tensor, kl_stats: tuple, c: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """(N, V) d/d logits of ``sum_rows c * KL(pi || pi_ref)``; ``kl_stats`` is ``backend.kl_forward``'s (kl, lse_p,
+    lse_q), each (N,), and c is (N,)."""
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    kl, lse_p, lse_q = kl_stats
+    backend.kl_backward(logits, ref_logits, lse_p, lse_q, kl, c.contiguous(), temperature, out)
+    return out
 
 
 def token_logprobs(
@@ -192,11 +224,15 @@ def ppo_loss_from_logits(
     temperature: float = 1.0,
     inplace: bool = False,
     backend: str = "auto",
+    ref_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PPOLossStats]:
     """The PPO clipped-ratio loss straight from the logits, with entropy bonus and optional in-loss KL penalty.
 
     Per valid token: ``max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) + kl_coef * k(logp, ref_logp)
     - entropy_coef * H`` with r = exp(logp - old_logp); the loss is the mean over valid tokens (0 when none is valid).
+    With ``kl_estimator="full"`` the KL term is the exact ``KL(pi || pi_ref)`` of the row over the vocabulary (from
+    ``ref_logits``): its gradient is that of the KL itself, exact and free of sampling noise, where a sampled
+    estimator's is only right in expectation (k2: KL(pi || ref), k3: the reverse KL).
 
     The gradient w.r.t. the logits is computed in the forward pass, chunk by chunk while the chunk is in cache. With
     ``inplace=True`` it is written into the logits' own storage (the logits are destroyed: use it in a training step,
@@ -211,12 +247,15 @@ def ppo_loss_from_logits(
         mask: (N,) bool or numeric; non-zero marks tokens that count.
         clip_eps_low, clip_eps_high: ratio clip range [1 - eps_low, 1 + eps_high] (asymmetric allowed).
         entropy_coef: weight of the entropy bonus.
-        ref_logp: (N,) reference log-probs, required when ``kl_coef != 0`` (no gradient).
+        ref_logp: (N,) reference log-probs, required when ``kl_coef != 0`` with k1, k2 or k3 (no gradient).
         kl_coef: weight of the KL penalty in the loss (GRPO style; 0 when the KL is in the reward).
-        kl_estimator: "k1", "k2" or "k3" (see :func:`kl_estimate`).
+        kl_estimator: "k1", "k2", "k3" (see :func:`kl_estimate`) or "full" (exact, see :func:`kl_from_logits`).
         temperature: > 0, the sampling temperature of the rollout.
-        inplace: write the gradient into the logits (see above).
+        inplace: write the gradient into the logits (see above; with "full", one transient (N, V) buffer holds the
+            KL's gradient until it is added).
         backend: "auto", "triton" or "torch".
+        ref_logits: (N, V) reference logits, same dtype and device, required when ``kl_coef != 0`` with "full"
+            (no gradient).
 
     Returns:
         (loss, stats): the scalar loss and :class:`~rlhf_kernels.types.PPOLossStats`.
@@ -237,14 +276,26 @@ def ppo_loss_from_logits(
         "kl_estimator": check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS),
     }
     temperature = check_positive("temperature", temperature)
+    full = cfg["kl_coef"] != 0.0 and cfg["kl_estimator"] == "full"
+    if full:
+        if ref_logits is None:
+            raise ValueError("ref_logits is required when kl_coef != 0 with kl_estimator 'full'")
+        ref_logits = check_logits("ref_logits", ref_logits)
+        if ref_logits.shape != logits.shape:
+            raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} != logits shape {tuple(logits.shape)}")
+        check_same("ref_logits", ref_logits, "logits", logits, check_dtype=True)
+        ref_logits = ref_logits.detach()
+    else:
+        ref_logits = None  # unused: the KL term is off or sampled
     if ref_logp is not None:
         ref_logp = check_vector("ref_logp", ref_logp, n, logits, "logits").detach()
-    elif cfg["kl_coef"] != 0.0:
+    elif cfg["kl_coef"] != 0.0 and not full:
         raise ValueError("ref_logp is required when kl_coef != 0")
     impl = resolve_backend(backend, logits.device)
     loss, clip_fraction, approx_kl, entropy, ratio = _PPOLoss.apply(
-        logits, targets, old_logp.detach(), advantages.detach(), valid, ref_logp, cfg, temperature, bool(inplace), impl
-    )
+        logits, targets, old_logp.detach(), advantages.detach(), valid, ref_logp, ref_logits, cfg, temperature,
+        bool(inplace), impl,
+    )  # fmt: skip
     return loss, PPOLossStats(clip_fraction.detach(), approx_kl.detach(), entropy.detach(), ratio.detach())
 
 
@@ -289,7 +340,7 @@ def kl_estimate(
     Returns:
         (N,) estimates in the inputs' (promoted) dtype; the Triton kernel accumulates in fp32 or fp64.
     """
-    check_choice("estimator", estimator, KL_ESTIMATORS)
+    check_choice("estimator", estimator, SAMPLED_KL_ESTIMATORS)
     logp, ref_logp = _elementwise_pair("logp", logp, "ref_logp", ref_logp)
     impl = resolve_backend(backend, logp.device)
     if impl.__name__.endswith("torch_backend"):

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from rlhf_kernels.reference import expm1_minus_x
-from rlhf_kernels.types import KL_ESTIMATORS
+from rlhf_kernels.types import SAMPLED_KL_ESTIMATORS
 
 
 class PPOTokenTerms(NamedTuple):
@@ -48,8 +48,8 @@ def kl_estimate_and_grad(
     Returns:
         value (n,), derivative (n,).
     """
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    if estimator not in SAMPLED_KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {SAMPLED_KL_ESTIMATORS}, got {estimator!r}")
     r = ref_logp - logp
     if estimator == "k1":
         return -r, torch.ones_like(r)
@@ -71,6 +71,7 @@ def ppo_token_terms(
     ref_logp: torch.Tensor | None,
     kl_coef: float,
     kl_estimator: str,
+    full_kl: torch.Tensor | None = None,
 ) -> PPOTokenTerms:
     """The clipped-ratio objective, in-loss KL penalty and entropy bonus of each token, with their derivatives.
 
@@ -85,7 +86,9 @@ def ppo_token_terms(
         advantages: (n,) advantages.
         valid: (n,) bool, the tokens that count.
         inv_count: 0-dim, 1 / number of valid tokens in the whole batch.
-        ref_logp: (n,) reference log-probs, required when kl_coef != 0.
+        ref_logp: (n,) reference log-probs, required when kl_coef != 0 with a sampled estimator.
+        full_kl: (n,) exact KL(pi || pi_ref) of each row, required when kl_coef != 0 with ``kl_estimator="full"``:
+            it does not depend on logp(target) (its gradient reaches the logits directly; the caller writes it).
 
     Returns:
         PPOTokenTerms, all (n,) in logp's dtype.
@@ -99,7 +102,9 @@ def ppo_token_terms(
     clipped = clipped_value > unclipped
     loss = torch.maximum(unclipped, clipped_value)
     c_lp = torch.where(clipped, torch.zeros_like(unclipped), unclipped)
-    if kl_coef != 0.0:
+    if kl_coef != 0.0 and kl_estimator == "full":
+        loss = loss + kl_coef * full_kl.to(cdt)
+    elif kl_coef != 0.0:
         kl, dkl = kl_estimate_and_grad(logp, ref_logp.to(cdt), kl_estimator)
         loss = loss + kl_coef * kl
         c_lp = c_lp + kl_coef * dkl

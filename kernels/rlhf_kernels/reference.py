@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlhf_kernels.types import KL_ESTIMATORS, PPOLossStats
+from rlhf_kernels.types import SAMPLED_KL_ESTIMATORS, PPOLossStats
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -90,8 +90,8 @@ def kl_estimate_reference(logp: torch.Tensor, ref_logp: torch.Tensor, estimator:
     Returns:
         (N,) estimates.
     """
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    if estimator not in SAMPLED_KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {SAMPLED_KL_ESTIMATORS}, got {estimator!r}")
     r = ref_logp - logp
     if estimator == "k1":
         return -r
@@ -130,11 +130,13 @@ def ppo_loss_reference(
     kl_coef: float = 0.0,
     kl_estimator: str = "k1",
     temperature: float = 1.0,
+    ref_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PPOLossStats]:
     """PPO clipped-ratio objective with optional entropy bonus and in-loss KL penalty, as a masked token mean.
 
     Per valid token: ``max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high)) + kl_coef * k(logp, ref_logp)
-    - entropy_coef * H``, with ratio = exp(logp - old_logp).
+    - entropy_coef * H``, with ratio = exp(logp - old_logp); with ``kl_estimator="full"`` the KL term is the exact
+    ``KL(pi || pi_ref)`` of the row over the vocabulary.
 
     Args:
         logits: (N, V) current policy logits.
@@ -142,7 +144,8 @@ def ppo_loss_reference(
         old_logp: (N,) log-probs of ``targets`` under the rollout policy.
         advantages: (N,) advantage per token.
         mask: (N,) true (non-zero) for tokens that count.
-        ref_logp: (N,) reference log-probs; required when ``kl_coef != 0``.
+        ref_logp: (N,) reference log-probs; required when ``kl_coef != 0`` with a sampled estimator.
+        ref_logits: (N, V) reference logits; required when ``kl_coef != 0`` with ``kl_estimator="full"``.
 
     Returns:
         (loss, stats): the scalar loss and :class:`PPOLossStats` (masked token means).
@@ -157,7 +160,9 @@ def ppo_loss_reference(
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
     per_token = torch.maximum(unclipped, clipped) - entropy_coef * entropy
-    if kl_coef != 0.0:
+    if kl_coef != 0.0 and kl_estimator == "full":
+        per_token = per_token + kl_coef * kl_from_logits_reference(logits, ref_logits, temperature).to(cdt)
+    elif kl_coef != 0.0:
         per_token = per_token + kl_coef * kl_estimate_reference(logp, ref_logp.to(cdt), kl_estimator)
     zero = torch.zeros_like(per_token)
     loss = torch.where(valid, per_token, zero).sum() / count

@@ -7,7 +7,10 @@ from typing import NamedTuple
 
 import torch
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+#: Per-token KL estimators from the sampled token's log-probs alone (:func:`~rlhf_kernels.kl_estimate`).
+SAMPLED_KL_ESTIMATORS = ("k1", "k2", "k3")
+#: Every per-token KL: the sampled ones and "full", the exact KL over the vocabulary (from both models' logits).
+KL_ESTIMATORS = (*SAMPLED_KL_ESTIMATORS, "full")
 
 
 class PPOLossStats(NamedTuple):

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf_lightning.models.tinygpt import positions_from_mask
+
 
 class HFCausalLM(nn.Module):
     """A transformers ``*ForCausalLM`` model behind the backbone interface.
@@ -72,7 +74,15 @@ class HFCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache=None,
     ) -> torch.Tensor:
-        """Final hidden states (B, T, D) of the new tokens; see :meth:`TinyGPT.forward` for the arguments."""
+        """Final hidden states (B, T, D) of the new tokens; see :meth:`TinyGPT.forward` for the arguments.
+
+        Without ``position_ids`` the positions come from the attention mask, as in TinyGPT: transformers would
+        number every column from 0 (GPT-2), so a left-padded row's real tokens would sit at shifted positions and
+        score differently from the sampler, which passes mask-derived positions (PPO's ratio would not start at 1).
+        """
+        if position_ids is None and attention_mask is not None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = positions_from_mask(attention_mask)[:, past:]
         out = self.model.base_model(
             input_ids=input_ids,
             attention_mask=None if attention_mask is None else attention_mask.long(),

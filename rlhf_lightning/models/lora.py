@@ -34,7 +34,8 @@ class LoRAConfig:
     Args:
         r: rank of the adapters.
         alpha: scaling numerator: the update is ``(alpha / r) * B @ A``.
-        dropout: dropout on the adapters' input.
+        dropout: dropout on the adapters' input (PPO sets it to 0 like every dropout of its policy: with dropout on,
+            its first ratio would not be 1).
         target_modules: names (suffixes) of the linear layers to adapt; None: every linear layer of a TinyGPT block,
             or peft's default for the Hugging Face model's type (GPT-2: ``c_attn``).
     """

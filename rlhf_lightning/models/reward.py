@@ -101,6 +101,21 @@ class RewardModel(nn.Module):
         self.norm_mean.copy_(raw.mean(0))
         self.norm_std.copy_(raw.std(0).clamp(min=1e-6))
 
+    def normalised_mean_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The linear map, weight (1, D) and bias (1,), from the first trunk's hidden state to the ensemble's mean
+        normalised score: what PPO's critic head starts from.
+
+        With ``mode="heads"`` every member reads the same trunk and is linear in its hidden state, so the mean of the
+        members' normalised heads (weights / std, (bias - mean) / std) gives exactly ``score().mean``. With
+        ``mode="backbones"`` each member has its own trunk and only one trunk can start the critic (the first):
+        member 0's head goes with it (averaging heads that read different trunks would fit none of them). For K = 1
+        both are member 0's head, bit for bit.
+        """
+        members = range(self.n_members if self.mode == "heads" else 1)
+        weight = torch.stack([self.heads[i].proj.weight / self.norm_std[i] for i in members]).mean(0)
+        bias = torch.stack([(self.heads[i].proj.bias - self.norm_mean[i]) / self.norm_std[i] for i in members]).mean(0)
+        return weight, bias
+
     def spec(self) -> dict:
         """What a checkpoint needs to rebuild this model before loading its weights."""
         return {"backbone": backbone_spec(self.backbones[0]), "n_members": self.n_members, "mode": self.mode}

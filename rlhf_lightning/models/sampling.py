@@ -10,6 +10,7 @@ flip a multinomial draw's bucket the way they could flip inverse-CDF sampling).
 
 The log-probs returned are those of the full temperature-scaled distribution (before top-k / top-p), computed with
 :func:`rlhf_kernels.token_logprobs` — exactly what the PPO update recomputes, so the importance ratio starts at 1.
+With top-k, top-p or greedy decoding the tokens come from another distribution, so PPO refuses those settings.
 """
 
 from __future__ import annotations

@@ -123,22 +123,27 @@ class PPOModule(PhaseModule):
             reward phase measured them with its own sampling settings, e.g. another response length). 0: keep the
             checkpoint's statistics.
         critic: "separate" (a value head on its own backbone, initialised from the reward model's trunk and head,
-            InstructGPT style; from the SFT backbone for other reward sources) or "shared" (a value head on the
-            policy's trunk).
+            InstructGPT style: an ensemble's mean head on its shared trunk, or member 0 of an ensemble of backbones;
+            from the SFT backbone for other reward sources) or "shared" (a value head on the policy's trunk).
         iterations: PPO iterations of the run (one rollout + its epochs each).
         rollout_batch: prompts (responses) per iteration and rank.
         minibatch_size: responses per optimizer step; must divide rollout_batch.
         ppo_epochs: passes over each rollout.
-        sampling: how responses are sampled (its temperature is also the one the loss uses).
+        sampling: how responses are sampled (its temperature is also the one the loss uses). Greedy (temperature 0),
+            top_k and top_p < 1 are refused: PPO's log-probs are those of the whole softmax(logits / T).
         lora: train LoRA adapters on the frozen SFT weights instead of the whole policy (needs the ``lora`` extra,
-            peft); the reference is then the policy with its adapters disabled. None: full fine-tuning.
+            peft); the reference is then the policy with its adapters disabled. None: full fine-tuning. The adapters'
+            dropout (``lora.dropout``) is switched off like every dropout of the policy (see :func:`disable_dropout`).
         lr, critic_lr: learning rates of the policy and of the critic (value head and its backbone).
         weight_decay, betas: AdamW settings.
         warmup_steps: optimizer steps of linear warmup; then linear decay to ``min_lr_ratio * lr`` at the last step.
         min_lr_ratio: 1.0 keeps the learning rate constant after warmup.
         max_grad_norm: gradient clipping, applied to the policy and to the critic separately.
         clip_eps, clip_eps_high: ratio clip range [1 - clip_eps, 1 + clip_eps_high] (clip_eps_high None: symmetric).
-        value_clip: the value loss is clipped to +- value_clip around the rollout's values (None: no clipping).
+        value_clip: the value loss is clipped to +- value_clip around the rollout's values (None: no clipping), in
+            units of a typical score: as given for normalised scores (the reward model's, or ``score_norm:
+            running``), times the running std of the raw scores otherwise (gold judge, callable), so that a reward
+            on another scale neither freezes the critic nor leaves it unclipped.
         vf_coef: weight of the value loss.
         entropy_coef: weight of the entropy bonus (a fix for mode collapse).
         gamma, lam: GAE's discount and lambda.
@@ -147,9 +152,15 @@ class PPOModule(PhaseModule):
         kl_controller: "fixed", "adaptive" (towards ``kl_target`` over ``kl_horizon`` samples, within
             [kl_min, kl_max]) or "annealed" (from kl_coef to ``kl_floor`` over ``kl_anneal_iterations`` with
             ``kl_schedule``).
-        kl_estimator: per-token KL: "k1", "k2", "k3" (from the sampled tokens) or "full" (exact, from both models'
-            logits over the vocabulary; in the reward only).
+        kl_estimator: the per-token KL penalised. In the reward (``kl_in_loss`` false) only "k1": the reward is a
+            constant to the policy gradient, whose score-function estimate then has the KL's own gradient only for
+            k1 (k2 and k3 give a biased one, "full" none at the sampled token). In the loss: "k2" (gradient of
+            KL(pi || ref) in expectation), "k3" (of the reverse KL, GRPO's choice) or "full" (the exact KL over the
+            vocabulary from both models' logits: the exact gradient, no sampling noise; one more reference forward
+            per minibatch); k1 is refused there (its gradient is zero in expectation).
         kl_in_loss: put ``beta * k(logp, ref_logp)`` in the loss instead of the reward (GRPO style).
+        kl_metric: the estimator logged as ``objective/kl`` and fed to the KL controller: "k1", "k2", "k3" or "full"
+            (k3 or full: a low-noise, non-negative measurement; full costs both models' (N, V) logits per rollout).
         score_clip: scores are clipped to +- score_clip (None: no clipping).
         score_norm: "none", or "running": scores standardised by running statistics of all scores so far.
         length_debias: take out of each rollout's scores their straight-line trend in response length (a fix for a
@@ -211,6 +222,7 @@ class PPOModule(PhaseModule):
         kl_schedule: Literal["cosine", "linear", "exponential"] = "cosine",
         kl_estimator: KLEstimator = "k1",
         kl_in_loss: bool = False,
+        kl_metric: KLEstimator = "k1",
         score_clip: float | None = 5.0,
         score_norm: Literal["none", "running"] = "none",
         length_debias: bool = False,
@@ -229,8 +241,8 @@ class PPOModule(PhaseModule):
         self.automatic_optimization = False
         # The argument, not hparams.lora: under LightningCLI the saved hyperparameters hold the parsed config (dicts).
         self.lora = lora
-        self._check_config()
         self.sampling = sampling or SamplingConfig(max_new_tokens=32, temperature=1.0)
+        self._check_config()
         self.kl_ctl = kl_controller_from(self.hparams)
         self.score_moments = RunningMoments()
         self.iteration = 0
@@ -259,17 +271,36 @@ class PPOModule(PhaseModule):
                              f"{h.reward_norm_samples}")  # fmt: skip
         if h.rollout_batch % h.minibatch_size:
             raise ValueError(f"minibatch_size ({h.minibatch_size}) must divide rollout_batch ({h.rollout_batch})")
+        # The rollout's log-probs (and the update's) are those of the full softmax(logits / T): sampling from another
+        # distribution would make the first ratio differ from 1 and the k1 KL biased.
+        s = self.sampling
+        if s.temperature == 0:
+            raise ValueError("sampling.temperature 0 (greedy) cannot be used by PPO: its log-probs are those of "
+                             "softmax(logits / T), not of the greedy choice; use a temperature > 0")  # fmt: skip
+        for name, value, off in (("top_k", s.top_k, 0), ("top_p", s.top_p, 1.0)):
+            if value != off:
+                raise ValueError(
+                    f"sampling.{name} {value} cannot be used by PPO: its log-probs are those of the whole "
+                    f"temperature-scaled distribution, not the truncated one; set {name}: {off}"
+                )
         if h.shard and h.lora is not None:
             raise ValueError(
                 "shard and lora together are not supported yet (sharding a peft-wrapped policy is untested)"
             )
-        if h.kl_in_loss and h.kl_estimator in ("full", "k1"):
+        for name in ("kl_estimator", "kl_metric"):
+            if getattr(h, name) not in KL_ESTIMATORS:
+                raise ValueError(f"{name} must be one of {KL_ESTIMATORS}, got {getattr(h, name)!r}")
+        if h.kl_in_loss and h.kl_estimator == "k1":
             # In the loss only the estimator's gradient acts: k1's is zero in expectation (no pull towards the
-            # reference at all), k2's is that of KL(pi || ref), k3's that of KL(ref || pi) (GRPO's choice).
-            raise ValueError(f"kl_estimator {h.kl_estimator!r} cannot be used with kl_in_loss: use k2 or k3 (k1's "
-                             "gradient is zero in expectation; 'full' works in the reward only)")  # fmt: skip
-        if h.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {h.kl_estimator!r}")
+            # reference at all), k2's is that of KL(pi || ref), k3's that of KL(ref || pi), full's the exact one.
+            raise ValueError("kl_estimator 'k1' cannot be used with kl_in_loss: its gradient is zero in expectation; "
+                             "use k2, k3 or full")  # fmt: skip
+        if not h.kl_in_loss and h.kl_estimator != "k1":
+            # In the reward the penalty acts through the score-function gradient E[kl_t grad log pi(y_t)], which is
+            # grad KL only for k1 (docs/kl_penalty.md).
+            raise ValueError(f"kl_estimator {h.kl_estimator!r} in the reward has a biased (or zero) policy gradient; "
+                             "use k1 in the reward, or kl_in_loss: true with it (set kl_metric to log another "
+                             "estimator)")  # fmt: skip
         if h.critic not in ("separate", "shared"):
             raise ValueError(f"critic must be 'separate' or 'shared', got {h.critic!r}")
         if h.score_norm not in ("none", "running"):
@@ -338,6 +369,7 @@ class PPOModule(PhaseModule):
         if self.lora is not None:
             # Wrapped last: peft changes the backbone in place, and a critic copied from it must not carry adapters.
             self.policy = LoRABackbone(policy, self.lora, seed=h.seed)
+            disable_dropout(self.policy)  # again: peft adds its own dropout (lora.dropout) on the adapters' input
             self.ref_policy = AdaptersDisabled(self.policy)
         if h.shard:
             for model in (self.policy, self.critic_backbone, self.value_head):
@@ -346,12 +378,14 @@ class PPOModule(PhaseModule):
 
     @torch.no_grad()
     def _init_value_head_from_reward(self, reward_model: nn.Module) -> None:
-        """The value head starts as the reward model's first head on its normalised scale, so the critic's first
-        estimates are the reward model's opinion of each prefix rather than 0."""
-        proj = reward_model.heads[0].proj
-        mean, std = reward_model.norm_mean[0], reward_model.norm_std[0]
-        self.value_head.proj.weight.copy_(proj.weight / std)
-        self.value_head.proj.bias.copy_((proj.bias - mean) / std)
+        """The value head starts as the reward model's head on its normalised scale, so the critic's first estimates
+        are the reward model's opinion of each prefix rather than 0: for an ensemble of heads on one trunk, the
+        members' mean (exactly the ensemble's mean score; the conservative ``ensemble_k`` term is not linear and is
+        left to the critic to learn); for an ensemble of backbones, member 0's, whose trunk the critic copies
+        (see :meth:`RewardModel.normalised_mean_head`)."""
+        weight, bias = reward_model.normalised_mean_head()
+        self.value_head.proj.weight.copy_(weight)
+        self.value_head.proj.bias.copy_(bias)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         h = self.hparams
@@ -503,10 +537,10 @@ class PPOModule(PhaseModule):
         ids = torch.cat([prompt_ids, out.response_ids], 1)  # (B, P + R)
         mask = torch.cat([prompt_mask.bool(), resp_mask], 1)
         p = prompt_ids.shape[1]
-        want_full = h.kl_estimator == "full"
-        logp, logits = self._response_logprobs(self.policy, ids, mask, p, out.response_ids, resp_mask, want_full)
-        ref_logp, ref_logits = self._response_logprobs(self.ref_policy, ids, mask, p, out.response_ids, resp_mask,
-                                                       want_full)  # fmt: skip
+        want_full = h.kl_metric == "full"
+        score = (ids, mask, p, out.response_ids, resp_mask, self._temperature, want_full)
+        logp, logits = self._response_logprobs(self.policy, *score)
+        ref_logp, ref_logits = self._response_logprobs(self.ref_policy, *score)
         full_kl = None
         if want_full:
             full_kl = _scatter(rlhf_kernels.kl_from_logits(logits, ref_logits, self._temperature), resp_mask)
@@ -516,14 +550,19 @@ class PPOModule(PhaseModule):
         scores, length_slope = raw_scores, None
         if h.length_debias:
             scores, length_slope = remove_length_trend(raw_scores, resp_mask.sum(-1))
-        if h.score_norm == "running":
+        if h.score_norm == "running" or self._raw_score_units:
             # All ranks' scores: every rank normalises with the same statistics and checkpoints the same state.
             self.score_moments.update(self.trainer.strategy.all_gather(scores))
+        if h.score_norm == "running":
             scores = (scores - self.score_moments.mean) / self.score_moments.std
-        kl = per_token_kl(logp, ref_logp, resp_mask, h.kl_estimator, full_kl)
+        kl = per_token_kl(logp, ref_logp, resp_mask, h.kl_metric, full_kl)  # (B, R) logged, and the controller's
+        if h.kl_in_loss:
+            penalty_kl = torch.zeros_like(kl)
+        else:  # k1, the one estimator with the right gradient in the reward (_check_config)
+            penalty_kl = kl if h.kl_metric == "k1" else per_token_kl(logp, ref_logp, resp_mask, "k1")
         beta = self.kl_ctl.value
-        shaped = shape_rewards(scores, torch.zeros_like(kl) if h.kl_in_loss else kl, resp_mask, beta, out.ended,
-                               h.missing_eos_score, h.score_clip)  # fmt: skip
+        shaped = shape_rewards(scores, penalty_kl, resp_mask, beta, out.ended, h.missing_eos_score,
+                               h.score_clip)  # fmt: skip
         self._check_finite("reward (shaped per-token rewards)", shaped.rewards, iteration)
         advantages, returns = gae(shaped.rewards, values, resp_mask, h.gamma, h.lam)
         if h.whiten_advantages:
@@ -556,23 +595,42 @@ class PPOModule(PhaseModule):
         return rollout, info
 
     @property
+    def _raw_score_units(self) -> bool:
+        """Whether the scores the policy sees are in the reward source's own units (not normalised: neither the
+        reward model's SFT-centred scores nor ``score_norm: running``)."""
+        h = self.hparams
+        return h.reward_source != "model" and h.score_norm == "none"
+
+    @property
+    def _value_clip(self) -> float | None:
+        """``value_clip`` in the units of the values: times the running std of the scores when they are raw (a
+        constant reward so far, std 0, leaves it as given)."""
+        h = self.hparams
+        if h.value_clip is None or not self._raw_score_units:
+            return h.value_clip
+        std = self.score_moments.std
+        return h.value_clip * std if std > 0 else h.value_clip
+
+    @property
     def _temperature(self) -> float:
         return self.sampling.temperature or 1.0
 
+    @staticmethod
     def _response_logprobs(
-        self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, p: int, response_ids: torch.Tensor,
-        response_mask: torch.Tensor, keep_logits: bool,
+        model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, p: int, response_ids: torch.Tensor,
+        response_mask: torch.Tensor, temperature: float, keep_logits: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-        """(B, R) log-probs of the response tokens under ``model`` (0 at padding), and the (N, V) logits at the real
-        response positions when ``keep_logits``.
+        """(B, R) log-probs of the response tokens under ``model`` at ``temperature`` (0 at padding), and the (N, V)
+        logits at the real response positions when ``keep_logits``. They must equal :func:`generate`'s log-probs
+        (the importance ratio starts at 1).
 
         Args:
             ids, mask: (B, P + R) prompt + response; p: P.
             response_ids, response_mask: (B, R).
         """
-        hidden = self._response_hidden(model, ids, mask, p, response_ids.shape[1])  # (B, R, D)
+        hidden = PPOModule._response_hidden(model, ids, mask, p, response_ids.shape[1])  # (B, R, D)
         logits = hidden[response_mask] @ model.lm_head_weight.T  # (N, V)
-        logp = rlhf_kernels.token_logprobs(logits, response_ids[response_mask], self._temperature)
+        logp = rlhf_kernels.token_logprobs(logits, response_ids[response_mask], temperature)
         return _scatter(logp.float(), response_mask), logits if keep_logits else None
 
     @staticmethod
@@ -667,19 +725,23 @@ class PPOModule(PhaseModule):
         sel = mb.response_mask
         hidden = self.policy(ids, mask)  # (b, P + R, D)
         logits = hidden[:, p - 1 : p + r - 1][sel] @ self.policy.lm_head_weight.T  # (N, V)
+        ref_logits = None
+        if h.kl_in_loss and h.kl_estimator == "full":
+            with torch.no_grad():  # the exact KL in the loss reads the reference's logits at the same positions
+                ref_logits = self.ref_policy(ids, mask)[:, p - 1 : p + r - 1][sel] @ self.ref_policy.lm_head_weight.T
         beta = self.kl_ctl.value
         pg_loss, pstats = rlhf_kernels.ppo_loss_from_logits(
             logits, mb.response_ids[sel], mb.logprobs[sel], mb.advantages[sel], torch.ones_like(sel[sel]),
             clip_eps_low=h.clip_eps, clip_eps_high=h.clip_eps if h.clip_eps_high is None else h.clip_eps_high,
             entropy_coef=h.entropy_coef, ref_logp=mb.ref_logprobs[sel] if h.kl_in_loss else None,
             kl_coef=beta if h.kl_in_loss else 0.0, kl_estimator=h.kl_estimator if h.kl_in_loss else "k1",
-            temperature=self._temperature, inplace=True,
+            temperature=self._temperature, inplace=True, ref_logits=ref_logits,
         )  # fmt: skip
         if self.critic_backbone is not None:
             values = self.value_head(self.critic_backbone(ids, mask)[:, p - 1 : p + r - 1])  # (b, R)
         else:
             values = self.value_head(hidden[:, p - 1 : p + r - 1])
-        v_loss, v_clipfrac = clipped_value_loss(values.float(), mb.values, mb.returns, sel, h.value_clip)
+        v_loss, v_clipfrac = clipped_value_loss(values.float(), mb.values, mb.returns, sel, self._value_clip)
         loss = pg_loss + h.vf_coef * v_loss
         stats = {
             "policy/loss": float(pg_loss.detach()),

@@ -1,9 +1,9 @@
 """Pure functions and small state objects of the RL phase: advantages, KL penalty and controllers, reward shaping,
 the rollout container. No Lightning here: the PPO module orchestrates them."""
 
+from rlhf_kernels import KL_ESTIMATORS
 from rlhf_lightning.rl.advantages import explained_variance, gae, masked_mean, masked_var, whiten
 from rlhf_lightning.rl.kl import (
-    KL_ESTIMATORS,
     AdaptiveKL,
     AnnealedKL,
     FixedKL,

@@ -21,8 +21,9 @@ import torch
 
 import rlhf_kernels
 
+#: rlhf_kernels.KL_ESTIMATORS (re-exported by rlhf_lightning.rl): k1, k2, k3 from the sampled tokens, "full" the exact
+#: KL over the vocabulary.
 KLEstimator = Literal["k1", "k2", "k3", "full"]
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3", "full")
 
 
 def per_token_kl(

@@ -20,7 +20,8 @@ class Rollout:
     ref_logprobs: (B, R) the same under the frozen SFT reference.
     values: (B, R) the critic's V(s_t) before each response token.
     scores: (B,) the raw sequence scores (reward model / judge / callable), before clipping and penalties.
-    kl: (B, R) per-token KL estimate (0 at padding).
+    kl: (B, R) per-token KL estimate (0 at padding), with PPO's ``kl_metric`` estimator: what is logged and what the
+        KL controller sees (the reward's penalty is always k1's).
     rewards: (B, R) shaped per-token rewards.
     advantages: (B, R) GAE advantages (whitened when asked); returns: (B, R) value targets.
     """

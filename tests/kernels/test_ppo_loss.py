@@ -476,3 +476,44 @@ def test_stats_carry_no_gradient(backend: str) -> None:
     assert loss.requires_grad
     assert not any(s.requires_grad for s in stats)
     assert all(s.shape == () for s in (loss, *stats))
+
+
+@pytest.mark.parametrize("all_valid", [False, True])
+def test_inplace_write_invalidates_other_consumers_of_the_logits(backend: str, all_valid: bool) -> None:
+    """The in-place gradient destroys the logits: a second node that saved them (or a view) must raise in backward,
+    not silently differentiate the gradient instead of the logits."""
+    batch = ppo_batch(6, 37)
+    if all_valid:  # no padding row to clear: the kernel's write alone must be seen by autograd
+        batch["mask"] = torch.ones(6, dtype=torch.bool)
+    logits = leaf(batch["logits"])
+    x = logits * 1
+    other = (x[:, :5] ** 2).sum()  # saves a view of the logits
+    loss, _ = ppo_loss_from_logits(x, **_args(batch), inplace=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other).backward()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_exact_kl_in_the_loss_matches_a_naive_reference(backend: str, inplace: bool) -> None:
+    """kl_estimator="full": loss and gradient of the exact per-row KL(pi || pi_ref), written out with log_softmax."""
+    t, kl_coef = 1.3, 0.3
+    batch = ppo_batch(12, 300, temperature=t)
+    ref_logits = batch["logits"] + 0.7 * torch.randn_like(batch["logits"])
+    options = {"kl_coef": kl_coef, "kl_estimator": "full", "entropy_coef": 0.01}
+    result = run_op(batch, backend, inplace, ref_logits=ref_logits, **options)
+    logits = fp64_leaf(batch["logits"])
+    no_kl, stats = ppo_loss_reference(logits, **_args(batch), entropy_coef=0.01)
+    logp, logq = torch.log_softmax(logits / t, -1), torch.log_softmax(ref_logits.double() / t, -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)  # (N,)
+    valid = batch["mask"]
+    loss = no_kl + kl_coef * kl[valid].sum() / valid.sum()
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert_same_result(result, (loss.detach(), stats, grad), torch.float32)
+    reference = run_reference(batch, fp64=True, ref_logits=ref_logits.double(), **options)
+    assert_same_result(reference, (loss.detach(), stats, grad), torch.float64)
+
+
+def test_exact_kl_in_the_loss_needs_the_reference_logits(backend: str) -> None:
+    batch = ppo_batch(4, 37)
+    with pytest.raises(ValueError, match="ref_logits is required"):
+        run_op(batch, backend, kl_coef=0.1, kl_estimator="full")

@@ -214,3 +214,28 @@ def test_join_left_right_feeds_the_reward_model_like_an_unpadded_sequence():
     alone0 = model.raw_members(torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.bool))
     alone1 = model.raw_members(torch.tensor([[1, 2, 3, 4, 9]]), torch.ones(1, 5, dtype=torch.bool))
     torch.testing.assert_close(joined, torch.cat([alone0, alone1]), atol=1e-5, rtol=1e-5)
+
+
+def test_normalised_mean_head_scores_like_the_ensemble_mean():
+    """PPO's critic head starts from it: on the last real token it gives the ensemble's mean normalised score
+    (heads mode), member 0's with its own trunk (backbones mode), and a single model's head exactly."""
+    from rlhf_lightning.models.heads import ValueHead, last_token_index
+
+    ids, mask = batch()
+    rows = torch.arange(ids.shape[0])
+    for mode, members in (("heads", 3), ("backbones", 3), ("heads", 1)):
+        model = RewardModel(backbone(), n_members=members, mode=mode).eval()
+        model.norm_mean.copy_(torch.tensor([0.3, -0.2, 1.0][:members]))
+        model.norm_std.copy_(torch.tensor([0.5, 2.0, 1.5][:members]))
+        head = ValueHead(16)
+        weight, bias = model.normalised_mean_head()
+        head.proj.weight.data.copy_(weight)
+        head.proj.bias.data.copy_(bias)
+        with torch.no_grad():
+            values = head(model.backbones[0](ids, mask))[rows, last_token_index(mask)]  # (B,)
+            scores = model.score(ids, mask)
+        expected = scores.mean if mode == "heads" else scores.members[:, 0]
+        torch.testing.assert_close(values, expected)
+        if members == 1:  # bit for bit what the single reward model's head gives
+            assert torch.equal(weight, model.heads[0].proj.weight / model.norm_std[0])
+            assert torch.equal(bias, (model.heads[0].proj.bias - model.norm_mean[0]) / model.norm_std[0])
