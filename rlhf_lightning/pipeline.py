@@ -167,11 +167,14 @@ def summarize(out: Path) -> dict[str, Any]:
     """The figures of the run: the last evaluation of the PPO policy against the SFT policy, and the best held-out
     gold reward along the run (at the iteration, TensorBoard's step, of its first occurrence) with final / best,
     which is how much of its peak the run kept (None unless the best is positive: a ratio of rewards of either sign
-    means nothing)."""
+    means nothing); and the reward model's last held-out accuracy beside its bag-of-words baseline's and the Bayes
+    accuracy (None when the run reused a reward model)."""
     logged = read_scalars(out / "runs" / "ppo")
+    rm_dir = out / "runs" / "rm"
+    rm_logged = read_scalars(rm_dir) if rm_dir.is_dir() else {}
 
-    def last(tag: str) -> float | None:
-        series = logged.get(tag)
+    def last(tag: str, scalars: dict[str, dict[int, float]] = logged) -> float | None:
+        series = scalars.get(tag)
         return series[max(series)] if series else None
 
     gold = logged.get("eval/gold_reward") or {}
@@ -192,6 +195,9 @@ def summarize(out: Path) -> dict[str, Any]:
         "distinct_2": last("diversity/distinct_2"),
         "per_input_distinct_2_ppo": last("diversity/per_input_distinct_2"),
         "per_input_distinct_2_sft": last("eval/sft_per_input_distinct_2"),
+        "rm_accuracy": last("rm/accuracy", rm_logged),
+        "rm_baseline_accuracy": last("rm/baseline_accuracy", rm_logged),
+        "rm_bayes_accuracy": last("rm/bayes_accuracy", rm_logged),
         "iterations": (max(logged["objective/kl"]) + 1) if logged.get("objective/kl") else 0,
     }
 
@@ -208,6 +214,9 @@ SEED_FIGURES = {
     "per_input_distinct_2_ppo": "per-input distinct-2, PPO",
     "proxy_reward_sft": "proxy reward, SFT",
     "proxy_reward_ppo": "proxy reward, PPO",
+    "rm_accuracy": "reward model held-out accuracy",
+    "rm_baseline_accuracy": "bag-of-words baseline held-out accuracy",
+    "rm_bayes_accuracy": "Bayes accuracy (annotators' ceiling)",
 }
 
 
@@ -392,6 +401,9 @@ def _print_summary(s: dict[str, Any]) -> None:
     print(f"win rate vs SFT  {fmt(s['win_rate_vs_sft'])} (gold judge, held-out prompts, ties count half)")
     print(f"proxy reward     SFT {fmt(s['proxy_reward_sft'])}  ->  PPO {fmt(s['proxy_reward_ppo'])}")
     print(f"KL to SFT        {fmt(s['kl'])} nats per response (beta {fmt(s['kl_coef'])})")
+    if s["rm_accuracy"] is not None:
+        print(f"reward model     held-out accuracy {fmt(s['rm_accuracy'])}; bag-of-words baseline "
+              f"{fmt(s['rm_baseline_accuracy'])}; Bayes {fmt(s['rm_bayes_accuracy'])}")  # fmt: skip
     print(f"diversity        distinct-2 {fmt(s['distinct_2'])}; per input {fmt(s['per_input_distinct_2_sft'])} (SFT)"
           f" -> {fmt(s['per_input_distinct_2_ppo'])} (PPO)")  # fmt: skip
     print("time             " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items()))

@@ -14,6 +14,7 @@ import yaml
 
 from rlhf_lightning import pipeline
 from rlhf_lightning.cli import main
+from rlhf_lightning.diagnose.events import read_scalars
 from rlhf_lightning.pipeline import PHASES, combine_presets, load_preset, phase_configs, seed_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,10 @@ def test_pipeline_end_to_end_with_a_failure_preset_and_its_fix(tmp_path, capsys)
     saved = json.loads((out / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     assert saved["iterations"] == 2 and saved["gold_reward_sft"] is not None and saved["win_rate_vs_sft"] is not None
+    # the reward model's accuracy beside its bag-of-words baseline's, as its phase logged them last
+    rm_logged = read_scalars(out / "runs/rm")
+    for key, tag in (("rm_accuracy", "rm/accuracy"), ("rm_baseline_accuracy", "rm/baseline_accuracy")):
+        assert saved[key] == pytest.approx(rm_logged[tag][max(rm_logged[tag])]), key
     assert (out / "diagnose" / "report.md").is_file()
     # the fix came after the failure: its controller is the one the PPO phase ran with
     ppo_part = yaml.safe_load((out / "preset" / "ppo.yaml").read_text())["model"]["init_args"]
@@ -67,6 +72,7 @@ def test_pipeline_reuses_given_checkpoints(default_run, tmp_path):
                              str(first / "runs/sft/checkpoints/last.ckpt"), "--rm-checkpoint",
                              str(first / "runs/rm/checkpoints/last.ckpt"), "--seed", "3", *tiny_args()])  # fmt: skip
     assert not (second / "runs/sft").exists() and not (second / "runs/rm").exists()
+    assert summary["rm_accuracy"] is None  # a reused reward model: its accuracy is in its own run
     assert (second / "runs/ppo/checkpoints/last.ckpt").is_file() and set(summary["seconds"]) == {"ppo"}
     # Under a seed, PPO takes it, but the world stays the checkpoints' (seed 0): its held-out prompts stay held out.
     assert json.loads((second / "runs/world/world.json").read_text())["seed"] == 0
@@ -130,7 +136,8 @@ def test_summary_records_the_best_gold_along_the_run(monkeypatch, tmp_path):
 
 FIGURES = ("gold_reward_sft", "gold_reward_ppo", "best_gold_reward_ppo", "best_gold_iteration", "final_over_best_gold",
            "win_rate_vs_sft", "proxy_reward_sft", "proxy_reward_ppo", "kl", "kl_coef", "distinct_2",
-           "per_input_distinct_2_ppo", "per_input_distinct_2_sft", "iterations")  # fmt: skip
+           "per_input_distinct_2_ppo", "per_input_distinct_2_sft", "iterations", "rm_accuracy",
+           "rm_baseline_accuracy", "rm_bayes_accuracy")  # fmt: skip
 
 
 def test_seeds_run_the_recipe_per_seed_and_summarise_them(default_run, tmp_path, capsys):
