@@ -46,6 +46,7 @@ from rlhf_lightning.modules.base import PhaseModule
 from rlhf_lightning.modules.common import EvalSamples, on_every_rank, sample_eval, shard_backbone
 from rlhf_lightning.modules.reward import join_left_right, load_sft_backbone, sample_prompt_responses
 from rlhf_lightning.rl import (
+    DEFAULT_KL_HORIZON,
     KL_ESTIMATORS,
     KLEstimator,
     Rollout,
@@ -214,7 +215,7 @@ class PPOModule(PhaseModule):
         kl_coef: float = 0.05,
         kl_controller: Literal["fixed", "adaptive", "annealed"] = "fixed",
         kl_target: float | None = None,
-        kl_horizon: int = 10000,
+        kl_horizon: int = DEFAULT_KL_HORIZON,
         kl_min: float = 1e-4,
         kl_max: float = 10.0,
         kl_floor: float = 0.0,

@@ -4,6 +4,7 @@ the rollout container. No Lightning here: the PPO module orchestrates them."""
 from rlhf_kernels import KL_ESTIMATORS
 from rlhf_lightning.rl.advantages import explained_variance, gae, masked_mean, masked_var, whiten
 from rlhf_lightning.rl.kl import (
+    DEFAULT_KL_HORIZON,
     AdaptiveKL,
     AnnealedKL,
     FixedKL,
@@ -22,6 +23,7 @@ from rlhf_lightning.rl.rewards import (
 from rlhf_lightning.rl.types import Rollout
 
 __all__ = [
+    "DEFAULT_KL_HORIZON",
     "KL_ESTIMATORS",
     "AdaptiveKL",
     "AnnealedKL",

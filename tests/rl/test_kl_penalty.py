@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rlhf_kernels
-from rlhf_lightning.rl import AdaptiveKL, AnnealedKL, FixedKL, kl_controller, per_token_kl
+from rlhf_lightning.rl import DEFAULT_KL_HORIZON, AdaptiveKL, AnnealedKL, FixedKL, kl_controller, per_token_kl
 
 
 def _categorical_pair() -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +58,16 @@ def test_adaptive_controller_matches_ziegler_formula() -> None:
     low = AdaptiveKL(0.01, target=1.0, horizon=1, min_value=0.005)
     low.update(kl=0.0, n_samples=100)  # a huge step down, held at the floor
     assert low.value == 0.005
+
+
+def test_the_default_horizon_lets_beta_act_within_a_default_run() -> None:
+    # configs/ppo.yaml's run: 120 iterations of 64 responses. A KL held at twice the target must be able to raise
+    # beta several-fold (Ziegler et al.'s horizon of 10,000 allowed 1.17x: no control at all at this size).
+    ctl = kl_controller("adaptive", 0.05, target=4.0)
+    for _ in range(120):
+        ctl.update(kl=8.0, n_samples=64)
+    assert ctl.value > 4 * 0.05
+    assert ctl.horizon == DEFAULT_KL_HORIZON
 
 
 def test_annealed_controller_schedules() -> None:
