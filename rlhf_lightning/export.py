@@ -146,6 +146,11 @@ def reward_to_hf(reward_model: RewardModel, tokenizer: Tokenizer) -> nn.Module:
             f"the tokenizer's pad token is its EOS token {tokenizer.eos_token!r}: a Hugging Face sequence classifier "
             "pools the last token that is not the pad token, which would skip the EOS the reward model scores"
         )
+    if reward_model.pooling != "last":
+        raise ValueError(
+            f"a reward model with pooling {reward_model.pooling!r} is not a sequence-classification model (those read "
+            "the last token); train it with model.init_args.pooling=last to export it"
+        )
     backbone = reward_model.backbones[0]
     n_labels = reward_model.n_members
     if isinstance(backbone, TinyGPT):

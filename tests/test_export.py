@@ -65,8 +65,10 @@ def policy_ckpt(tmp_path: Path, tokenizer: Tokenizer, backbone: torch.nn.Module,
     return save_ckpt(tmp_path / f"{phase}.ckpt", phase, prefix, backbone, tokenizer, backbone=spec)
 
 
-def reward_model(tokenizer: Tokenizer, backbone: torch.nn.Module, k: int = 1, mode: str = "heads") -> RewardModel:
-    model = perturbed(RewardModel(backbone, n_members=k, mode=mode, seed=3), seed=4)
+def reward_model(
+    tokenizer: Tokenizer, backbone: torch.nn.Module, k: int = 1, mode: str = "heads", pooling: str = "last"
+) -> RewardModel:
+    model = perturbed(RewardModel(backbone, n_members=k, mode=mode, seed=3, pooling=pooling), seed=4)
     model.norm_mean.copy_(torch.linspace(-0.5, 0.5, k))
     model.norm_std.copy_(torch.linspace(1.5, 2.0, k))
     return model
@@ -158,7 +160,10 @@ def test_reward_exports_that_cannot_match_are_refused(tmp_path, tokenizer):
     rm = reward_model(eos_padded, tinygpt(eos_padded))
     with pytest.raises(ValueError, match="pad token is its EOS token"):
         export_checkpoint(reward_ckpt(tmp_path, eos_padded, rm), tmp_path / "b")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    rm = reward_model(tokenizer, tinygpt(tokenizer), pooling="mean")  # a classifier reads the last token only
+    with pytest.raises(ValueError, match="pooling 'mean' is not a sequence-classification model"):
+        export_checkpoint(reward_ckpt(tmp_path, tokenizer, rm), tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path, tokenizer):

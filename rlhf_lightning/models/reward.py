@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from rlhf_lightning.models.backbone import backbone_from_spec, backbone_spec
-from rlhf_lightning.models.heads import ScalarHead
+from rlhf_lightning.models.heads import Pooling, ScalarHead
 
 EnsembleMode = Literal["heads", "backbones"]
 
@@ -47,9 +47,11 @@ class RewardModel(nn.Module):
         n_members: ensemble size K (1 = a single reward model).
         mode: "heads" or "backbones".
         seed: heads are initialised from seed, seed + 1, ...
+        pooling: how each head reads a sequence (see :class:`ScalarHead`).
     """
 
-    def __init__(self, backbone: nn.Module, n_members: int = 1, mode: EnsembleMode = "heads", seed: int = 0):
+    def __init__(self, backbone: nn.Module, n_members: int = 1, mode: EnsembleMode = "heads", seed: int = 0,
+                 pooling: Pooling = "last"):  # fmt: skip
         super().__init__()
         if n_members < 1:
             raise ValueError(f"n_members must be >= 1, got {n_members}")
@@ -62,7 +64,7 @@ class RewardModel(nn.Module):
         for i in range(n_members):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + i)
-                heads.append(ScalarHead(backbone.hidden_size))
+                heads.append(ScalarHead(backbone.hidden_size, pooling))
         self.heads = nn.ModuleList(heads)
         self.register_buffer("norm_mean", torch.zeros(n_members))
         self.register_buffer("norm_std", torch.ones(n_members))
@@ -70,6 +72,10 @@ class RewardModel(nn.Module):
     @property
     def n_members(self) -> int:
         return len(self.heads)
+
+    @property
+    def pooling(self) -> Pooling:
+        return self.heads[0].pooling
 
     def raw_members(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unnormalised scores (B, K) of right-padded sequences.
@@ -118,11 +124,14 @@ class RewardModel(nn.Module):
 
     def spec(self) -> dict:
         """What a checkpoint needs to rebuild this model before loading its weights."""
-        return {"backbone": backbone_spec(self.backbones[0]), "n_members": self.n_members, "mode": self.mode}
+        return {"backbone": backbone_spec(self.backbones[0]), "n_members": self.n_members, "mode": self.mode,
+                "pooling": self.pooling}  # fmt: skip
 
     @classmethod
     def from_spec(cls, spec: dict) -> RewardModel:
-        return cls(backbone_from_spec(spec["backbone"]), spec["n_members"], spec["mode"])
+        # Checkpoints from before pooling was a choice read the last token.
+        return cls(backbone_from_spec(spec["backbone"]), spec["n_members"], spec["mode"],
+                   pooling=spec.get("pooling", "last"))  # fmt: skip
 
 
 def load_reward_model(path: str | Path):

@@ -1,10 +1,11 @@
 """Phase 2: the Bradley-Terry reward model on the shared backbone.
 
-The backbone starts from the SFT checkpoint (its LM head is not used); a scalar head reads the hidden state of the
-last real token of prompt + response. Loss: ``-log sigmoid(r_chosen - r_rejected - margin)`` (the kernels' fused,
-stable form). An ensemble of K members (see :mod:`rlhf_lightning.models.reward`) trains each member on its own
-bootstrap resample of the pairs: pair i counts w[i, k] ~ Poisson(1) times in member k's loss (the online bootstrap),
-drawn once from ``seed`` and kept in the checkpoint.
+The backbone starts from the SFT checkpoint (its LM head is not used); a scalar head reads the mean of the hidden
+states of prompt + response (``pooling="mean"``, the default) or the hidden state of its last real token (``"last"``).
+Loss: ``-log sigmoid(r_chosen - r_rejected - margin)`` (the kernels' fused, stable form). An ensemble of K members
+(see :mod:`rlhf_lightning.models.reward`) trains each member on its own bootstrap resample of the pairs: pair i
+counts w[i, k] ~ Poisson(1) times in member k's loss (the online bootstrap), drawn once from ``seed`` and kept in the
+checkpoint.
 
 Validation logs, on held-out pairs: ``rm/accuracy`` against the labels and, on the world, ``rm/accuracy_gold``
 against the gold judge's ordering beside ``rm/bayes_accuracy`` (the best any model can reach under the annotators'
@@ -27,6 +28,7 @@ from rlhf_lightning.checkpoint import RLHF_KEY, load_checkpoint
 from rlhf_lightning.metrics import expected_calibration_error, order_agreement, pairwise_accuracy, pearson
 from rlhf_lightning.metrics.baseline import bag_of_words_baseline
 from rlhf_lightning.models.backbone import backbone_from_spec
+from rlhf_lightning.models.heads import Pooling
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.models.sampling import SamplingConfig, generate
 from rlhf_lightning.modules.base import PhaseModule, tokenizer_from_meta
@@ -68,6 +70,8 @@ class RewardModule(PhaseModule):
         ensemble_mode: "heads" (K heads on one shared trunk) or "backbones" (K trunks).
         bootstrap: train each member on its own Poisson(1) bootstrap resample (only with K > 1).
         margin: required score gap in the loss.
+        pooling: "mean" (the head reads the mean hidden state of prompt + response) or "last" (the last real
+            token's, like a Hugging Face sequence classifier: the only one ``rlhf export`` can write as one).
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with linear warmup then cosine decay.
         norm_samples: SFT-policy samples (of training prompts) the normalisation statistics are computed on.
         norm_sampling: how those samples are drawn.
@@ -88,6 +92,7 @@ class RewardModule(PhaseModule):
         ensemble_mode: Literal["heads", "backbones"] = "heads",
         bootstrap: bool = True,
         margin: float = 0.0,
+        pooling: Pooling = "mean",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -132,7 +137,7 @@ class RewardModule(PhaseModule):
         dm = self.trainer.datamodule
         if getattr(dm, "pair_source", "grammar") == "sft_policy":
             dm.sample_policy_pairs(backbone, h.seed)  # before the bootstrap weights are sized by the pairs
-        self.reward_model = RewardModel(backbone, h.ensemble_size, h.ensemble_mode, h.seed)
+        self.reward_model = RewardModel(backbone, h.ensemble_size, h.ensemble_mode, h.seed, h.pooling)
         n_train = len(dm.train_examples)
         g = torch.Generator().manual_seed(h.seed)
         use_bootstrap = h.bootstrap and h.ensemble_size > 1

@@ -136,10 +136,10 @@ def test_score_reads_the_last_real_token_only():
     torch.testing.assert_close(model.raw_members(noisy, mask), model.raw_members(ids, mask))
 
 
-@pytest.mark.parametrize("mode", ["heads", "backbones"])
-def test_spec_round_trip(mode):
+@pytest.mark.parametrize(("mode", "pooling"), [("heads", "last"), ("backbones", "last"), ("heads", "mean")])
+def test_spec_round_trip(mode, pooling):
     ids, mask = batch()
-    model = RewardModel(backbone(), n_members=2, mode=mode, seed=3)
+    model = RewardModel(backbone(), n_members=2, mode=mode, seed=3, pooling=pooling)
     with torch.no_grad():  # make every part of the state non-default, trunks included
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -150,6 +150,9 @@ def test_spec_round_trip(mode):
     torch.manual_seed(1)
     rebuilt = RewardModel.from_spec(spec)
     assert type(rebuilt.backbones[0]) is TinyGPT and len(rebuilt.backbones) == len(model.backbones)
+    assert rebuilt.pooling == pooling
+    del spec["pooling"]  # a checkpoint from before pooling was a choice: the last token
+    assert RewardModel.from_spec(spec).pooling == "last"
     fresh = rebuilt.raw_members(ids, mask)
     rebuilt.load_state_dict(model.state_dict())  # strict: the same keys and shapes
     assert not torch.allclose(fresh, model.raw_members(ids, mask))  # the weights, not the spec, made the scores

@@ -76,3 +76,16 @@ def test_heads_read_the_last_real_token():
     scores = head(hidden, mask)
     torch.testing.assert_close(scores[0], head.proj(hidden[0, 1]).squeeze())
     assert ValueHead(8)(hidden).shape == (3, 4)
+
+
+def test_mean_pooling_head_averages_the_per_token_scores_of_real_tokens_only():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])
+    hidden = torch.randn(2, 4, 8)
+    head = ScalarHead(8, pooling="mean")
+    per_token = head.proj(hidden).squeeze(-1)  # (2, 4)
+    want = torch.stack([per_token[0, :2].mean(), per_token[1, 1:].mean()])
+    torch.testing.assert_close(head(hidden, mask), want)
+    hidden[0, 2:] = 1e6  # padding never counts
+    torch.testing.assert_close(head(hidden, mask), want)
+    with pytest.raises(ValueError, match="pooling must be"):
+        ScalarHead(8, pooling="max")
