@@ -1,7 +1,7 @@
 """Phase 2: the Bradley-Terry reward model on the shared backbone.
 
-The backbone starts from the SFT checkpoint (its LM head is not used); a scalar head reads the mean of the hidden
-states of prompt + response (``pooling="mean"``, the default) or the hidden state of its last real token (``"last"``).
+The backbone starts from the SFT checkpoint (its LM head is not used); a scalar head reads the hidden state of the last
+real token of prompt + response (``pooling="last"``, the default) or the mean of their hidden states (``"mean"``).
 Loss: ``-log sigmoid(r_chosen - r_rejected - margin)`` (the kernels' fused, stable form). An ensemble of K members
 (see :mod:`rlhf_lightning.models.reward`) trains each member on its own bootstrap resample of the pairs: pair i
 counts w[i, k] ~ Poisson(1) times in member k's loss (the online bootstrap), drawn once from ``seed`` and kept in the
@@ -70,8 +70,8 @@ class RewardModule(PhaseModule):
         ensemble_mode: "heads" (K heads on one shared trunk) or "backbones" (K trunks).
         bootstrap: train each member on its own Poisson(1) bootstrap resample (only with K > 1).
         margin: required score gap in the loss.
-        pooling: "mean" (the head reads the mean hidden state of prompt + response) or "last" (the last real
-            token's, like a Hugging Face sequence classifier: the only one ``rlhf export`` can write as one).
+        pooling: "last" (the head reads the last real token's hidden state, like a Hugging Face sequence classifier:
+            the only kind ``rlhf export`` can write as one) or "mean" (the mean hidden state of prompt + response).
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with linear warmup then cosine decay.
         norm_samples: SFT-policy samples (of training prompts) the normalisation statistics are computed on.
         norm_sampling: how those samples are drawn.
@@ -92,7 +92,7 @@ class RewardModule(PhaseModule):
         ensemble_mode: Literal["heads", "backbones"] = "heads",
         bootstrap: bool = True,
         margin: float = 0.0,
-        pooling: Pooling = "mean",
+        pooling: Pooling = "last",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
