@@ -22,8 +22,8 @@ from rlhf_kernels.reference import kl_from_logits_reference, ppo_loss_reference,
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
 FP32 = torch.float32
-#: The PPO module's method that scores a rollout's response tokens under the policy and under the reference.
-SCORING = "_response_logprobs"
+#: The function that scores a rollout's response tokens under the policy and under the reference (modules/common.py).
+SCORING = "response_token_logprobs"
 
 
 def recording(calls: list[dict], op):
