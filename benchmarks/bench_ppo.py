@@ -76,6 +76,7 @@ def main() -> None:
     from rlhf_lightning.data import PromptDataModule
     from rlhf_lightning.models.sampling import SamplingConfig
     from rlhf_lightning.modules import PPOModule
+    from rlhf_lightning.modules.ppo import EvalConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -85,7 +86,7 @@ def main() -> None:
             critic=args.critic, iterations=args.iterations, rollout_batch=args.prompts,
             minibatch_size=args.prompts // args.minibatches, ppo_epochs=args.epochs,
             sampling=SamplingConfig(max_new_tokens=args.response_tokens, temperature=1.0),
-            eval_every=10**9,  # evaluation would run at the last iteration: excluded below
+            eval=EvalConfig(every=10**9),  # evaluation would run at the last iteration: excluded below
         )  # fmt: skip
         rows: list[dict[str, float]] = []
         log = module._log

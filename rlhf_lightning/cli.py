@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from rlhf_lightning.checkpoint import AtomicCheckpointIO, check_whole, load_checkpoint
@@ -37,7 +38,13 @@ class RLHFCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except SystemExit:
+            # A key of an earlier version (PPO's flat kl_coef, eval_every, ...): say where the setting lives now.
+            for old, new in renamed_keys(sys.argv[1:] if args is None else list(args)):
+                print(f"rlhf: model.init_args.{old} is now model.init_args.{new}", file=sys.stderr)
+            raise
         # LightningCLI reads a --ckpt_path file next, with a bare torch.load, and replaces the configured model with
         # the class and hyperparameters saved in it: an SFT checkpoint given to a PPO config would silently turn the
         # run into an SFT run. Check the file whole and of the configured module's phase first.
@@ -68,6 +75,22 @@ class RLHFCLI(LightningCLI):
                 f" the config and the config's values are ignored: {', '.join(ignored)}",
                 file=sys.stderr,
             )
+
+
+def renamed_keys(argv: list[str]) -> list[tuple[str, str]]:
+    """(old, new) for every model key of ``argv`` (``--model.init_args.KEY`` arguments and the ``model.init_args`` of
+    its ``-c`` files) that a phase module lists in its ``RENAMED``."""
+    from rlhf_lightning.modules import PPOModule  # on use: only a failed parse pays for the import
+
+    keys = []
+    for i, word in enumerate(argv):
+        if word.startswith("--model.init_args."):
+            keys.append(word.removeprefix("--model.init_args.").split("=")[0].split(".")[0])
+        elif word in ("-c", "--config") and i + 1 < len(argv) and Path(argv[i + 1]).is_file():
+            config = yaml.safe_load(Path(argv[i + 1]).read_text(encoding="utf-8"))
+            init_args = ((config or {}).get("model") or {}).get("init_args") or {}
+            keys.extend(init_args if isinstance(init_args, dict) else [])
+    return [(key, PPOModule.RENAMED[key]) for key in dict.fromkeys(keys) if key in PPOModule.RENAMED]
 
 
 def _scalar(value: object) -> bool:

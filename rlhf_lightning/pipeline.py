@@ -132,18 +132,17 @@ def seed_args(seed: int | None, world_seed: int | None = None) -> dict[str, list
     """
     if seed is None:
         return {phase: [] for phase in PHASES}
-    from rlhf_lightning.modules import PPOModule, SFTModule
+    from rlhf_lightning.modules import SFTModule
+    from rlhf_lightning.modules.ppo import EvalConfig
 
-    def eval_seed(module: type) -> str:
-        default = inspect.signature(module).parameters["eval_seed"].default
-        return f"--model.init_args.eval_seed={default + seed}"
+    sft_eval_seed = inspect.signature(SFTModule).parameters["eval_seed"].default
 
     world = seed if world_seed is None else world_seed
     every = [f"--seed_everything={seed}", f"--data.init_args.world.seed={world}"]
     return {
-        "sft": [*every, eval_seed(SFTModule)],
+        "sft": [*every, f"--model.init_args.eval_seed={sft_eval_seed + seed}"],
         "rm": [*every, f"--model.init_args.seed={seed}"],
-        "ppo": [*every, f"--model.init_args.seed={seed}", eval_seed(PPOModule)],
+        "ppo": [*every, f"--model.init_args.seed={seed}", f"--model.init_args.eval.seed={EvalConfig.seed + seed}"],
     }
 
 

@@ -43,3 +43,17 @@ def test_a_config_mistake_exits_naming_the_key(tmp_path, monkeypatch, capsys, ca
     err = capsys.readouterr().err
     assert message in err, err[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == (["mine.yaml"] if case.startswith("yaml") else [])
+
+
+@pytest.mark.parametrize("given", [["--model.init_args.kl_coef=0.1"], "model:\n  init_args:\n    eval_every: 3\n"])
+def test_a_flat_ppo_key_of_an_earlier_version_names_its_new_key(tmp_path, monkeypatch, capsys, given):
+    monkeypatch.chdir(tmp_path)
+    if isinstance(given, str):
+        (tmp_path / "old.yaml").write_text(given)
+        given = ["-c", "old.yaml"]
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "-c", str(CONFIGS / "ppo.yaml"), *given])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    new = "kl.coef" if given[0].startswith("--") else "eval.every"
+    assert f"is now model.init_args.{new}" in err, err[-2000:]

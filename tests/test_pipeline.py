@@ -27,8 +27,8 @@ TINY = {
     "rm": "--data.init_args.batch_size=8 --trainer.max_steps=4 --trainer.val_check_interval=2 "
     f"--trainer.limit_val_batches=1 --model.init_args.norm_samples=8 {QUIET}",
     "ppo": "--model.init_args.iterations=2 --model.init_args.rollout_batch=8 --model.init_args.minibatch_size=4 "
-    "--model.init_args.ppo_epochs=1 --model.init_args.eval_every=2 --model.init_args.sampling.max_new_tokens=8 "
-    f"--data.init_args.eval_prompts=8 --model.init_args.eval_groups=4 {QUIET}",
+    "--model.init_args.ppo_epochs=1 --model.init_args.eval.every=2 --model.init_args.sampling.max_new_tokens=8 "
+    f"--data.init_args.eval_prompts=8 --model.init_args.eval.groups=4 {QUIET}",
 }
 
 
@@ -52,7 +52,7 @@ def test_pipeline_end_to_end_with_a_failure_preset_and_its_fix(tmp_path, capsys)
     assert (out / "diagnose" / "report.md").is_file()
     # the fix came after the failure: its controller is the one the PPO phase ran with
     ppo_part = yaml.safe_load((out / "preset" / "ppo.yaml").read_text())["model"]["init_args"]
-    assert ppo_part["kl_controller"] == "adaptive" and ppo_part["kl_coef"] == 0.05
+    assert ppo_part["kl"]["controller"] == "adaptive" and ppo_part["kl"]["coef"] == 0.05
     printed = capsys.readouterr().out
     assert "rlhf pipeline summary" in printed and "win rate vs SFT" in printed
 
@@ -88,6 +88,8 @@ def recorded_seeds(run: Path) -> dict[str, Any]:
         module = config["model"]["init_args"]
         seeds[phase] = {"seed_everything": config["seed_everything"],
                         **{key: module[key] for key in ("seed", "eval_seed") if key in module}}  # fmt: skip
+        if isinstance(module.get("eval"), dict):  # PPO's evaluation seed is in its eval group
+            seeds[phase]["eval_seed"] = module["eval"]["seed"]
     return seeds
 
 

@@ -19,7 +19,7 @@ FAILURES, FIXES = ROOT / "configs" / "failures", ROOT / "configs" / "fixes"
 #: A short, aggressive PPO run: 12 iterations of 16 responses at a high learning rate, so the KL moves in seconds.
 PPO_SMALL = ("--model.init_args.iterations=12 --model.init_args.rollout_batch=16 --model.init_args.minibatch_size=8 "
              "--model.init_args.ppo_epochs=2 --model.init_args.lr=3e-3 --model.init_args.sampling.max_new_tokens=12 "
-             "--model.init_args.eval_every=6 --model.init_args.eval_groups=4 --data.init_args.eval_prompts=8 "
+             "--model.init_args.eval.every=6 --model.init_args.eval.groups=4 --data.init_args.eval_prompts=8 "
              "--trainer.enable_progress_bar=false --trainer.enable_model_summary=false")  # fmt: skip
 
 

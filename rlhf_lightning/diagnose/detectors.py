@@ -553,6 +553,17 @@ BETA_AT_BOUND = _Spec(
 )
 
 
+def kl_hparams(hparams: dict) -> dict:
+    """A run's KL settings as ``kl_controller``, ``kl_coef``, ``kl_min``, ``kl_max``: from the PPO module's ``kl``
+    group (``controller``, ``coef``, ``min_coef``, ``max_coef``), or as they are in a run of an earlier version,
+    which logged them as flat keys."""
+    group = hparams.get("kl")
+    if not isinstance(group, dict):
+        return hparams
+    names = {"controller": "kl_controller", "coef": "kl_coef", "min_coef": "kl_min", "max_coef": "kl_max"}
+    return {flat: group[key] for key, flat in names.items() if key in group}
+
+
 @_detector(BETA_AT_BOUND)
 def beta_at_bound(h: History, patience: int = 3, rtol: float = 1e-3) -> Finding:
     """Beta at a bound for ``patience`` iterations in a row: the module's own flag ``objective/kl_coef_at_bound``
@@ -566,7 +577,7 @@ def beta_at_bound(h: History, patience: int = 3, rtol: float = 1e-3) -> Finding:
             return f"at iteration {flag.steps[i]}: objective/kl_coef_at_bound set {patience} iterations in a row"
 
         return _result(BETA_AT_BOUND, flag.steps, signal, describe_flag)
-    hp = h.hparams
+    hp = kl_hparams(h.hparams)
     if hp.get("kl_controller") != "adaptive":
         why = f"kl_controller is {hp['kl_controller']}" if "kl_controller" in hp else "no kl_controller in hparams"
         return not_evaluated(BETA_AT_BOUND, why + " (applies to the adaptive controller)")
@@ -603,9 +614,9 @@ def no_kl_penalty(h: History, window: int = 10, t_min: float = 2.0) -> Finding:
         if pair is None:
             return not_evaluated(NO_KL_PENALTY, "objective/kl and objective/kl_coef share no iteration")
         steps, (kl_values, beta) = pair
-    elif "kl_coef" in h.hparams and h.hparams.get("kl_controller", "fixed") == "fixed":
+    elif "kl_coef" in (hp := kl_hparams(h.hparams)) and hp.get("kl_controller", "fixed") == "fixed":
         steps, kl_values = kl.steps, kl.values
-        beta = np.full(len(steps), float(h.hparams["kl_coef"]))
+        beta = np.full(len(steps), float(hp["kl_coef"]))
     else:
         return not_evaluated(NO_KL_PENALTY, _needs("objective/kl_coef (or kl_coef of a fixed controller)"))
     _, t = trend(steps, kl_values, window)

@@ -8,6 +8,7 @@ from rlhf_lightning.metrics.diversity import (
     SelfBLEU,
     distinct_n,
     diversity_metrics,
+    duplicate_rate,
     expectation_adjusted_distinct,
     group_sequences,
     ngram_counts,
@@ -15,7 +16,13 @@ from rlhf_lightning.metrics.diversity import (
     self_bleu,
     token_lists,
 )
-from rlhf_lightning.metrics.reward import expected_calibration_error, order_agreement, pairwise_accuracy, pearson
+from rlhf_lightning.metrics.reward import (
+    expected_calibration_error,
+    order_agreement,
+    pairwise_accuracy,
+    pearson,
+    win_rate,
+)
 
 __all__ = [
     "DistinctN",
@@ -25,6 +32,7 @@ __all__ = [
     "SelfBLEU",
     "distinct_n",
     "diversity_metrics",
+    "duplicate_rate",
     "expectation_adjusted_distinct",
     "expected_calibration_error",
     "group_sequences",
@@ -35,4 +43,5 @@ __all__ = [
     "pearson",
     "self_bleu",
     "token_lists",
+    "win_rate",
 ]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from functools import partial
 from typing import Any
@@ -365,3 +365,12 @@ class ExpectationAdjustedDistinct(DiversityMetric):
 
     def score(self, sequences: Sequence[Sequence[int]]) -> float:
         return expectation_adjusted_distinct(sequences, self.vocab_size, self.n)
+
+
+def duplicate_rate(prompts: Sequence[str], responses: Sequence[str]) -> float:
+    """Share of responses that some response to a *different* prompt repeats word for word: near 0 for a healthy
+    policy, high when it answers everything with the same text (mode collapse across inputs)."""
+    by_text: dict[str, set[str]] = defaultdict(set)
+    for prompt, response in zip(prompts, responses, strict=True):
+        by_text[response].add(prompt)
+    return sum(len(by_text[r]) > 1 for r in responses) / max(len(responses), 1)

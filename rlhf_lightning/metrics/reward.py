@@ -53,3 +53,9 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     denom = (x.square().sum() * y.square().sum()).sqrt()
     return float((x * y).sum() / denom) if float(denom) > 0 else 0.0
+
+
+def win_rate(policy_scores: torch.Tensor, baseline_scores: torch.Tensor) -> float:
+    """Share of prompts where the policy's response scores above the baseline's (ties count half). Both (B,)."""
+    wins = (policy_scores > baseline_scores).float() + 0.5 * (policy_scores == baseline_scores).float()
+    return float(wins.mean())

@@ -72,3 +72,21 @@ def backbone_from_spec(spec: dict) -> nn.Module:
     if spec.get("kind") == "lora":
         return LoRABackbone(backbone_from_spec(spec["base"]), LoRAConfig(**spec["lora"]))
     raise ValueError(f"unknown backbone kind {spec.get('kind')!r} in checkpoint")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` without gradients, in eval mode (a frozen reference or reward model)."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Sets every dropout probability of ``model`` to 0.
+
+    PPO's ratio compares the update's log-probs with the rollout's: with dropout on in the update (a Hugging Face
+    GPT-2 ships with 0.1), the first ratio is not 1 and the clipping acts on noise; it also makes a resumed run differ
+    from an uninterrupted one.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0

@@ -15,11 +15,13 @@ With top-k, top-p or greedy decoding the tokens come from another distribution, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
+from torch import nn
 
 import rlhf_kernels
 from rlhf_lightning.models.tinygpt import positions_from_mask
@@ -31,6 +33,18 @@ class PolicyBackbone(Protocol):
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor: ...
 
     def new_cache(self, batch: int, max_len: int): ...
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block and back in its previous mode after it: sampling and scoring passes
+    must not run training-mode layers, and the caller's mode must survive them."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import lightning as L
 import torch
@@ -15,7 +16,7 @@ from torch.distributed.fsdp import fully_shard
 import rlhf_kernels
 from rlhf_lightning.data.tokenizer import Tokenizer
 from rlhf_lightning.metrics import distinct_n
-from rlhf_lightning.models.sampling import SamplingConfig, generate
+from rlhf_lightning.models.sampling import SamplingConfig, eval_mode, generate
 
 
 def response_logprobs(
@@ -33,6 +34,39 @@ def response_logprobs(
     hidden = model(input_ids, attention_mask)  # (B, T, D)
     logits = hidden[mask] @ model.lm_head_weight.T  # (N, V)
     return rlhf_kernels.token_logprobs(logits, targets[mask])
+
+
+def unflatten_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``x[mask]``: a (B, R) tensor with ``values`` (N,) at the True entries of ``mask`` (B, R), in
+    row-major order, and 0 elsewhere."""
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    out[mask] = values
+    return out
+
+
+def response_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, p: int, r: int) -> torch.Tensor:
+    """(B, R, D) hidden states that predict the R response tokens of prompt + response sequences ``ids`` (B, P + R)
+    with attention ``mask`` (B, P + R): positions P - 1 .. P + R - 2."""
+    return model(ids, mask)[:, p - 1 : p + r - 1]
+
+
+def response_token_logprobs(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, response_ids: torch.Tensor,
+    response_mask: torch.Tensor, temperature: float, keep_logits: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(B, R) log-probs of the response tokens under ``model`` at ``temperature`` (0 at padding), and the (N, V)
+    logits at the real response positions when ``keep_logits``. They equal :func:`generate`'s log-probs, so PPO's
+    importance ratio starts at 1.
+
+    Args:
+        ids, mask: (B, P + R) left-padded prompts then right-padded responses.
+        response_ids, response_mask: (B, R).
+    """
+    p = ids.shape[1] - response_ids.shape[1]
+    hidden = response_hidden(model, ids, mask, p, response_ids.shape[1])  # (B, R, D)
+    logits = hidden[response_mask] @ model.lm_head_weight.T  # (N, V)
+    logp = rlhf_kernels.token_logprobs(logits, response_ids[response_mask], temperature)
+    return unflatten_masked(logp.float(), response_mask), logits if keep_logits else None
 
 
 def on_every_rank(module: L.LightningModule, flag: bool) -> bool:
@@ -110,11 +144,9 @@ def sample_eval(
         prompt_ids: (B, P) left-padded; prompt_mask: (B, P).
         judge: the world's GoldJudge, or None.
     """
-    was_training = model.training
-    model.eval()
     gen = torch.Generator(device=prompt_ids.device).manual_seed(seed)
-    out = generate(model, prompt_ids, prompt_mask, sampling, tokenizer.eos_id, tokenizer.pad_id, gen)
-    model.train(was_training)
+    with eval_mode(model):
+        out = generate(model, prompt_ids, prompt_mask, sampling, tokenizer.eos_id, tokenizer.pad_id, gen)
     token_ids = [ids[m].tolist() for ids, m in zip(out.response_ids, out.response_mask, strict=True)]
     responses = tokenizer.decode_batch(token_ids)
     gold = well_formed = None
@@ -140,17 +172,39 @@ def eval_metrics(samples: EvalSamples, prefix: str = "eval") -> dict[str, float]
     return metrics
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table for TensorBoard's text tab; a ``|`` inside a cell is escaped."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
+
+
 def samples_table(samples: EvalSamples, rows: int, extra: dict[str, torch.Tensor] | None = None) -> str:
-    """A markdown table of the first ``rows`` samples for TensorBoard's text tab."""
+    """A markdown table of the first ``rows`` samples: prompt, response, ended, gold and ``extra`` scores."""
     cols = {"gold": samples.gold} if samples.gold is not None else {}
     cols.update(extra or {})
-    head = "| prompt | response | ended | " + " | ".join(cols) + " |"
-    lines = [head, "|" + "---|" * (3 + len(cols))]
-    for i in range(min(rows, len(samples.prompts))):
-        vals = " | ".join(f"{float(v[i]):.2f}" for v in cols.values())
-        resp = samples.responses[i].replace("|", "\\|")
-        lines.append(f"| {samples.prompts[i]} | {resp} | {bool(samples.ended[i])} | {vals} |")
-    return "\n".join(lines)
+    body = [
+        [samples.prompts[i], samples.responses[i], str(bool(samples.ended[i])), *(f"{float(v[i]):.2f}" for v in
+         cols.values())] for i in range(min(rows, len(samples.prompts)))
+    ]  # fmt: skip
+    return markdown_table(["prompt", "response", "ended", *cols], body)
+
+
+def comparison_table(
+    sft: EvalSamples, cur: EvalSamples, sft_proxy: torch.Tensor | None, proxy: torch.Tensor | None, rows: int
+) -> str:
+    """Markdown table: prompt, SFT response and its scores, current response and its scores."""
+
+    def scores(i: int, gold: torch.Tensor | None, prox: torch.Tensor | None) -> str:
+        parts = [f"proxy {float(prox[i]):.2f}" if prox is not None else "",
+                 f"gold {float(gold[i]):.2f}" if gold is not None else ""]  # fmt: skip
+        return ", ".join(x for x in parts if x)
+
+    body = [[cur.prompts[i], sft.responses[i], scores(i, sft.gold, sft_proxy), cur.responses[i],
+             scores(i, cur.gold, proxy)] for i in range(min(rows, len(cur.prompts)))]  # fmt: skip
+    return markdown_table(["prompt", "SFT response", "SFT scores", "policy response", "policy scores"], body)
 
 
 def adamw_with_warmup_cosine(
@@ -174,13 +228,30 @@ def adamw_with_warmup_cosine(
         betas=betas,
         fused=True,
     )
-    total = max(int(total_steps), 1)
+    return with_lr_schedule(opt, warmup_steps, max(int(total_steps), 1), min_lr_ratio, "cosine")
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+def lr_factor(
+    step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float, decay: Literal["cosine", "linear"]
+) -> float:
+    """The learning rate at optimizer step ``step`` as a fraction of the peak: linear warmup over ``warmup_steps``,
+    then a cosine or linear decay to ``min_lr_ratio`` at ``total_steps`` (held there after)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if decay == "linear":
+        return 1.0 - (1.0 - min_lr_ratio) * progress
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def with_lr_schedule(
+    opt: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float,
+    decay: Literal["cosine", "linear"],
+) -> dict:  # fmt: skip
+    """Lightning's optimizer config: ``opt`` with a per-step :func:`lr_factor` schedule."""
+
+    def factor(step: int) -> float:  # a function, not a partial: LambdaLR would put a callable object's state in the
+        return lr_factor(step, warmup_steps, total_steps, min_lr_ratio, decay)  # checkpoint
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

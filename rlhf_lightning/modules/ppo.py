@@ -28,37 +28,45 @@ import importlib
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import nn
 
 import rlhf_kernels
 from rlhf_lightning.data.collate import pad_sequences
-from rlhf_lightning.metrics import distinct_n, diversity_metrics, pearson
-from rlhf_lightning.models.backbone import backbone_from_spec, backbone_spec
+from rlhf_lightning.metrics import distinct_n, diversity_metrics, duplicate_rate, pearson, win_rate
+from rlhf_lightning.models.backbone import backbone_from_spec, backbone_spec, disable_dropout, freeze
 from rlhf_lightning.models.heads import ValueHead
 from rlhf_lightning.models.lora import AdaptersDisabled, LoRABackbone, LoRAConfig, require_peft
 from rlhf_lightning.models.reward import load_reward_model
-from rlhf_lightning.models.sampling import SamplingConfig, generate
+from rlhf_lightning.models.sampling import Generation, SamplingConfig, eval_mode, generate
 from rlhf_lightning.modules.base import PhaseModule
-from rlhf_lightning.modules.common import EvalSamples, on_every_rank, sample_eval, shard_backbone
+from rlhf_lightning.modules.common import (
+    EvalSamples,
+    comparison_table,
+    on_every_rank,
+    response_hidden,
+    response_token_logprobs,
+    sample_eval,
+    shard_backbone,
+    unflatten_masked,
+    with_lr_schedule,
+)
 from rlhf_lightning.modules.reward import join_left_right, load_sft_backbone, sample_prompt_responses
 from rlhf_lightning.rl import (
-    DEFAULT_KL_HORIZON,
-    KL_ESTIMATORS,
-    KLEstimator,
+    KLConfig,
+    RewardConfig,
     Rollout,
+    RolloutStats,
     RunningMoments,
+    ScoredBatch,
     explained_variance,
-    gae,
-    kl_controller,
-    masked_mean,
-    per_token_kl,
-    remove_length_trend,
-    shape_rewards,
-    whiten,
+    policy_loss,
+    shape_rollout,
+    value_loss,
 )
 
 ScoreFn = Callable[[list[str], list[str]], Any]
@@ -85,28 +93,28 @@ def _iteration_seed(seed: int, iteration: int, rank: int) -> int:
     return (seed * 1_000_003 + iteration) * 1009 + rank
 
 
-def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, R) tensor with ``values`` (N,) at the True entries of ``mask`` (B, R) (row-major order), 0 elsewhere."""
-    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-    out[mask] = values
-    return out
+@dataclass
+class EvalConfig:
+    """Evaluation on the held-out prompts, against the SFT policy.
 
-
-def _freeze(model: nn.Module) -> nn.Module:
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Sets every dropout probability of ``model`` to 0.
-
-    PPO's ratio compares the update's log-probs with the rollout's: with dropout on in the update (a Hugging Face
-    GPT-2 ships with 0.1), the first ratio is not 1 and the clipping acts on noise; it also makes a resumed run differ
-    from an uninterrupted one.
+    every: iterations between evaluations (and the last iteration).
+    table_rows: rows of the TensorBoard text table (SFT response beside the current one).
+    groups, samples_per_prompt: per-input diversity is measured on this many held-out prompts with this many samples
+        each (collapse shows first within one prompt's samples); 0 groups switches it off.
+    seed: seed of the evaluation samples (the same for the SFT policy and the current one).
     """
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+
+    every: int = 10
+    table_rows: int = 8
+    groups: int = 16
+    samples_per_prompt: int = 4
+    seed: int = 1234
+
+
+KL_KEYS = ("coef", "controller", "target", "horizon", "floor", "anneal_iterations", "schedule", "estimator", "metric")
+
+
+torch.serialization.add_safe_globals([EvalConfig])  # in the checkpoints' hyperparameters (see modules/base.py)
 
 
 class PPOModule(PhaseModule):
@@ -115,14 +123,9 @@ class PPOModule(PhaseModule):
     Args:
         sft_checkpoint: the SFT phase's checkpoint: the policy's start and the frozen reference.
         reward_checkpoint: the reward-model phase's checkpoint (needed when ``reward_source="model"``).
-        reward_source: "model" (the reward model; an ensemble gives ``mean - ensemble_k * std``), "gold" (the world's
-            gold judge: an oracle baseline) or "package.module:function", a callable ``(prompts, responses) -> scores``.
-        ensemble_k: weight of the ensemble's disagreement in the conservative reward (0: the ensemble mean).
-        reward_norm_samples: at the start, the reward model's normalisation statistics are re-measured on this many
-            responses of the SFT policy to training prompts, sampled with this phase's ``sampling`` (seeded from
-            ``seed``), so the scores start centred with unit spread on exactly the distribution PPO samples (the
-            reward phase measured them with its own sampling settings, e.g. another response length). 0: keep the
-            checkpoint's statistics.
+        reward_source: "model" (the reward model; an ensemble gives ``mean - rewards.ensemble_k * std``), "gold" (the
+            world's gold judge: an oracle baseline) or "package.module:function", a callable
+            ``(prompts, responses) -> scores``.
         critic: "separate" (a value head on its own backbone, initialised from the reward model's trunk and head,
             InstructGPT style: an ensemble's mean head on its shared trunk, or member 0 of an ensemble of backbones;
             from the SFT backbone for other reward sources) or "shared" (a value head on the policy's trunk).
@@ -133,8 +136,11 @@ class PPOModule(PhaseModule):
         sampling: how responses are sampled (its temperature is also the one the loss uses). Greedy (temperature 0),
             top_k and top_p < 1 are refused: PPO's log-probs are those of the whole softmax(logits / T).
         lora: train LoRA adapters on the frozen SFT weights instead of the whole policy (needs the ``lora`` extra,
-            peft); the reference is then the policy with its adapters disabled. None: full fine-tuning. The adapters'
-            dropout (``lora.dropout``) is switched off like every dropout of the policy (see :func:`disable_dropout`).
+            peft); the reference is then the policy with its adapters disabled. None: full fine-tuning. Its dropout is
+            switched off like every dropout of the policy (see :func:`~rlhf_lightning.models.backbone.disable_dropout`).
+        kl: the KL penalty (:class:`~rlhf_lightning.rl.KLConfig`).
+        rewards: what the policy is paid (:class:`~rlhf_lightning.rl.RewardConfig`).
+        eval: evaluation on the held-out prompts (:class:`EvalConfig`).
         lr, critic_lr: learning rates of the policy and of the critic (value head and its backbone).
         weight_decay, betas: AdamW settings.
         warmup_steps: optimizer steps of linear warmup; then linear decay to ``min_lr_ratio * lr`` at the last step.
@@ -142,54 +148,39 @@ class PPOModule(PhaseModule):
         max_grad_norm: gradient clipping, applied to the policy and to the critic separately.
         clip_eps, clip_eps_high: ratio clip range [1 - clip_eps, 1 + clip_eps_high] (clip_eps_high None: symmetric).
         value_clip: the value loss is clipped to +- value_clip around the rollout's values (None: no clipping), in
-            units of a typical score: as given for normalised scores (the reward model's, or ``score_norm:
-            running``), times the running std of the raw scores otherwise (gold judge, callable), so that a reward
-            on another scale neither freezes the critic nor leaves it unclipped.
+            units of a typical score: as given for normalised scores (the reward model's, or ``rewards.norm:
+            running``), times the running std of the raw scores otherwise (gold judge, callable).
         vf_coef: weight of the value loss.
         entropy_coef: weight of the entropy bonus (a fix for mode collapse).
         gamma, lam: GAE's discount and lambda.
         whiten_advantages: normalise the advantages of each rollout to zero mean and unit variance.
-        kl_coef: beta, the KL coefficient (the controller's start).
-        kl_controller: "fixed", "adaptive" (towards ``kl_target`` over ``kl_horizon`` samples, within
-            [kl_min, kl_max]) or "annealed" (from kl_coef to ``kl_floor`` over ``kl_anneal_iterations`` with
-            ``kl_schedule``).
-        kl_estimator: the per-token KL penalised. In the reward (``kl_in_loss`` false) only "k1": the reward is a
-            constant to the policy gradient, whose score-function estimate then has the KL's own gradient only for
-            k1 (k2 and k3 give a biased one, "full" none at the sampled token). In the loss: "k2" (gradient of
-            KL(pi || ref) in expectation), "k3" (of the reverse KL, GRPO's choice) or "full" (the exact KL over the
-            vocabulary from both models' logits: the exact gradient, no sampling noise; one more reference forward
-            per minibatch); k1 is refused there (its gradient is zero in expectation).
-        kl_in_loss: put ``beta * k(logp, ref_logp)`` in the loss instead of the reward (GRPO style).
-        kl_metric: the estimator logged as ``objective/kl`` and fed to the KL controller: "k1", "k2", "k3" or "full"
-            (k3 or full: a low-noise, non-negative measurement; full costs both models' (N, V) logits per rollout).
-        score_clip: scores are clipped to +- score_clip (None: no clipping).
-        score_norm: "none", or "running": scores standardised by running statistics of all scores so far.
-        length_debias: take out of each rollout's scores their straight-line trend in response length (a fix for a
-            length-biased reward model; see :func:`~rlhf_lightning.rl.rewards.remove_length_trend`). The proxy
-            reward logged stays the reward source's own; ``objective/length_slope`` logs the slope removed.
-        missing_eos_score: the score of a response that never emitted EOS, replacing the reward source's (None: keep
-            it; see :func:`~rlhf_lightning.rl.rewards.shape_rewards`).
         target_approx_kl: stop an iteration's epochs once the mean approximate KL to the rollout policy exceeds it.
-        eval_every: iterations between evaluations on the held-out prompts (and the last iteration).
-        eval_table_rows: rows of the TensorBoard text table (SFT response beside the current one).
-        eval_groups, eval_samples_per_prompt: per-input diversity is measured on this many held-out prompts with
-            this many samples each (collapse shows first within one prompt's samples); 0 groups switches it off.
-        eval_seed: seed of the evaluation samples (the same for the SFT policy and the current one).
         seed: seed of the prompts, sampling noise and minibatch order of every iteration.
         shard: shard the trainable models (policy, critic trunk, value head) with FSDP2 (see
             :func:`~rlhf_lightning.modules.common.shard_backbone`; needs ``trainer.strategy: ModelParallelStrategy``).
-            The frozen reference and reward model stay whole on every rank.
     """
 
     PHASE = "ppo"
+    #: The flat keys of earlier versions and where each setting lives now (the CLI names the new key).
+    RENAMED: ClassVar[dict[str, str]] = {
+        **{f"kl_{k}": f"kl.{k}" for k in KL_KEYS},
+        "kl_min": "kl.min_coef",
+        "kl_max": "kl.max_coef",
+        "kl_in_loss": "kl.placement",
+        "score_clip": "rewards.clip",
+        "score_norm": "rewards.norm",
+        "length_debias": "rewards.debias",
+        "missing_eos_score": "rewards.missing_eos_score",
+        "ensemble_k": "rewards.ensemble_k",
+        "reward_norm_samples": "rewards.norm_samples",
+        **{f"eval_{k}": f"eval.{k}" for k in ("every", "table_rows", "groups", "samples_per_prompt", "seed")},
+    }
 
     def __init__(
         self,
         sft_checkpoint: str = "runs/sft/checkpoints/last.ckpt",
         reward_checkpoint: str | None = "runs/rm/checkpoints/last.ckpt",
         reward_source: str = "model",
-        ensemble_k: float = 0.0,
-        reward_norm_samples: int = 512,
         critic: Literal["separate", "shared"] = "separate",
         iterations: int = 100,
         rollout_batch: int = 64,
@@ -197,6 +188,9 @@ class PPOModule(PhaseModule):
         ppo_epochs: int = 4,
         sampling: SamplingConfig | None = None,
         lora: LoRAConfig | None = None,
+        kl: KLConfig | None = None,
+        rewards: RewardConfig | None = None,
+        eval: EvalConfig | None = None,
         lr: float = 1e-4,
         critic_lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -212,39 +206,20 @@ class PPOModule(PhaseModule):
         gamma: float = 1.0,
         lam: float = 0.95,
         whiten_advantages: bool = True,
-        kl_coef: float = 0.05,
-        kl_controller: Literal["fixed", "adaptive", "annealed"] = "fixed",
-        kl_target: float | None = None,
-        kl_horizon: int = DEFAULT_KL_HORIZON,
-        kl_min: float = 1e-4,
-        kl_max: float = 10.0,
-        kl_floor: float = 0.0,
-        kl_anneal_iterations: int = 100,
-        kl_schedule: Literal["cosine", "linear", "exponential"] = "cosine",
-        kl_estimator: KLEstimator = "k1",
-        kl_in_loss: bool = False,
-        kl_metric: KLEstimator = "k1",
-        score_clip: float | None = 5.0,
-        score_norm: Literal["none", "running"] = "none",
-        length_debias: bool = False,
-        missing_eos_score: float | None = -1.0,
         target_approx_kl: float | None = None,
-        eval_every: int = 10,
-        eval_table_rows: int = 8,
-        eval_groups: int = 16,
-        eval_samples_per_prompt: int = 4,
-        eval_seed: int = 1234,
         seed: int = 0,
         shard: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        # The argument, not hparams.lora: under LightningCLI the saved hyperparameters hold the parsed config (dicts).
-        self.lora = lora
-        self.sampling = sampling or SamplingConfig(max_new_tokens=32, temperature=1.0)
+        # The arguments, not hparams: loaded from a checkpoint made under LightningCLI they arrive as dicts.
+        self.lora = _config(LoRAConfig, lora)
+        self.sampling = _config(SamplingConfig, sampling) or SamplingConfig(max_new_tokens=32, temperature=1.0)
+        self.kl, self.rewards = _config(KLConfig, kl) or KLConfig(), _config(RewardConfig, rewards) or RewardConfig()
+        self.eval_config = _config(EvalConfig, eval) or EvalConfig()
         self._check_config()
-        self.kl_ctl = kl_controller_from(self.hparams)
+        self.kl_ctl = self.kl.build_controller()
         self.score_moments = RunningMoments()
         self.iteration = 0
         self.policy: nn.Module | None = None
@@ -255,7 +230,6 @@ class PPOModule(PhaseModule):
         self._score_fn: ScoreFn | None = None
         self._sft_eval: EvalSamples | None = None
         self._sft_eval_proxy: torch.Tensor | None = None
-        self._last_ensemble_std = torch.zeros(())  # (ensembles) members' disagreement on the last rollout
         self._sft_per_input: dict[str, float] | None = None
         #: The metrics of the last iteration (what was logged), for callbacks such as the online detectors.
         self.last_metrics: dict[str, float] = {}
@@ -263,13 +237,13 @@ class PPOModule(PhaseModule):
     def _check_config(self) -> None:
         """Mistakes that would otherwise surface minutes into a run."""
         h = self.hparams
-        for name in ("iterations", "rollout_batch", "minibatch_size", "ppo_epochs", "eval_every",
-                     "eval_samples_per_prompt"):  # fmt: skip
-            if getattr(h, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(h, name)}")
-        if h.reward_norm_samples == 1 or h.reward_norm_samples < 0:
-            raise ValueError(f"reward_norm_samples must be 0 (keep the checkpoint's) or >= 2, got "
-                             f"{h.reward_norm_samples}")  # fmt: skip
+        sizes = {name: getattr(h, name) for name in ("iterations", "rollout_batch", "minibatch_size", "ppo_epochs")}
+        sizes.update(
+            {"eval.every": self.eval_config.every, "eval.samples_per_prompt": self.eval_config.samples_per_prompt}
+        )
+        for name, value in sizes.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         if h.rollout_batch % h.minibatch_size:
             raise ValueError(f"minibatch_size ({h.minibatch_size}) must divide rollout_batch ({h.rollout_batch})")
         # The rollout's log-probs (and the update's) are those of the full softmax(logits / T): sampling from another
@@ -288,24 +262,8 @@ class PPOModule(PhaseModule):
             raise ValueError(
                 "shard and lora together are not supported yet (sharding a peft-wrapped policy is untested)"
             )
-        for name in ("kl_estimator", "kl_metric"):
-            if getattr(h, name) not in KL_ESTIMATORS:
-                raise ValueError(f"{name} must be one of {KL_ESTIMATORS}, got {getattr(h, name)!r}")
-        if h.kl_in_loss and h.kl_estimator == "k1":
-            # In the loss only the estimator's gradient acts: k1's is zero in expectation (no pull towards the
-            # reference at all), k2's is that of KL(pi || ref), k3's that of KL(ref || pi), full's the exact one.
-            raise ValueError("kl_estimator 'k1' cannot be used with kl_in_loss: its gradient is zero in expectation; "
-                             "use k2, k3 or full")  # fmt: skip
-        if not h.kl_in_loss and h.kl_estimator != "k1":
-            # In the reward the penalty acts through the score-function gradient E[kl_t grad log pi(y_t)], which is
-            # grad KL only for k1 (docs/kl_penalty.md).
-            raise ValueError(f"kl_estimator {h.kl_estimator!r} in the reward has a biased (or zero) policy gradient; "
-                             "use k1 in the reward, or kl_in_loss: true with it (set kl_metric to log another "
-                             "estimator)")  # fmt: skip
         if h.critic not in ("separate", "shared"):
             raise ValueError(f"critic must be 'separate' or 'shared', got {h.critic!r}")
-        if h.score_norm not in ("none", "running"):
-            raise ValueError(f"score_norm must be 'none' or 'running', got {h.score_norm!r}")
         if self.lora is not None:
             require_peft()  # at configuration time, not minutes later in configure_model
         paths = {"sft_checkpoint": h.sft_checkpoint}
@@ -339,7 +297,7 @@ class PPOModule(PhaseModule):
         disable_dropout(policy)  # before the copies below: the reference and a critic copied from it inherit it
         self.policy = policy
         if self.lora is None:
-            self.ref_policy = _freeze(copy.deepcopy(policy))
+            self.ref_policy = freeze(copy.deepcopy(policy))
         trunk, head_init = policy, None
         if h.reward_source == "model":
             reward_model, rm_tokenizer = load_reward_model(h.reward_checkpoint)
@@ -348,12 +306,12 @@ class PPOModule(PhaseModule):
                     f"the tokenizers of {h.sft_checkpoint} and {h.reward_checkpoint} differ: the reward model must "
                     "read text exactly as the policy writes it"
                 )
-            if h.reward_norm_samples:
+            if self.rewards.norm_samples:
                 # The SFT policy, before any adapter or training: what the first rollout samples from.
                 dm = self.trainer.datamodule
-                batch = sample_prompt_responses(policy, dm, tokenizer, h.reward_norm_samples, self.sampling, h.seed)
+                batch = sample_prompt_responses(policy, dm, tokenizer, self.rewards.norm_samples, self.sampling, h.seed)
                 reward_model.measure_normalisation(*batch)
-            self.reward_model = _freeze(reward_model)
+            self.reward_model = freeze(reward_model)
             trunk, head_init = reward_model.backbones[0], reward_model
         elif h.reward_source == "gold":
             if self.trainer.datamodule.judge is None:
@@ -447,7 +405,7 @@ class PPOModule(PhaseModule):
     def training_step(self, batch: Any, batch_idx: int) -> None:
         it = self.iteration
         t0 = time.perf_counter()
-        rollout, info = self.make_rollout(it)
+        rollout, rollout_metrics, times = self.make_rollout(it)
         t1 = time.perf_counter()
         stats = self.update(rollout, it)
         t2 = time.perf_counter()
@@ -455,21 +413,21 @@ class PPOModule(PhaseModule):
         kl_seq = self.trainer.strategy.reduce(rollout.kl.sum(-1).mean(), reduce_op="mean")
         self.kl_ctl.update(float(kl_seq), rollout.size * self._rank_and_world[1])
         metrics = {
-            **info["metrics"],
+            **rollout_metrics,
             **stats,
             "objective/kl": float(kl_seq),
             "objective/kl_coef": beta,
             "objective/kl_coef_at_bound": float(self._at_bound(beta)),
-            "perf/rollout_s": info["generate_s"],
-            "perf/score_s": info["score_s"],
+            "perf/rollout_s": times.generate_s,
+            "perf/score_s": times.score_s,
             "perf/update_s": t2 - t1,
             "perf/iteration_s": t2 - t0,
-            "perf/tokens_per_s": info["tokens"] / max(info["generate_s"], 1e-9),
+            "perf/tokens_per_s": times.tokens / max(times.generate_s, 1e-9),
             "perf/samples_per_s": rollout.size / max(t2 - t0, 1e-9),
         }
         self.iteration += 1
         last = self.iteration >= self.hparams.iterations
-        if self.iteration % self.hparams.eval_every == 0 or last:
+        if self.iteration % self.eval_config.every == 0 or last:
             metrics.update(self.evaluate())
         metrics = self._mean_over_ranks(metrics)
         self._log(metrics, it)
@@ -481,8 +439,7 @@ class PPOModule(PhaseModule):
 
     def _at_bound(self, beta: float) -> bool:
         """Whether an adaptive controller's beta sits at kl_min or kl_max (it can no longer do its job)."""
-        h = self.hparams
-        return h.kl_controller == "adaptive" and (beta <= h.kl_min or beta >= h.kl_max)
+        return self.kl.controller == "adaptive" and (beta <= self.kl.min_coef or beta >= self.kl.max_coef)
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         """Each value's mean over the ranks, in one all-reduce (the values themselves in a single process).
@@ -518,89 +475,105 @@ class PPOModule(PhaseModule):
 
     # -- rollout and scoring -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def make_rollout(self, iteration: int) -> tuple[Rollout, dict[str, Any]]:
-        """Samples, scores and shapes one iteration's rollout (see the module doc). Returns it and its metrics."""
+    def make_rollout(self, iteration: int) -> tuple[Rollout, dict[str, float], RolloutTimes]:
+        """Samples, scores and shapes one iteration's rollout (see the module doc): the rollout, its metrics and
+        timings."""
         h, dm = self.hparams, self.trainer.datamodule
-        rank, world = self._rank_and_world
-        prompts, batch = dm.rollout_prompts(iteration, h.rollout_batch, h.seed, rank, world)
+        prompts, batch = dm.rollout_prompts(iteration, h.rollout_batch, h.seed, *self._rank_and_world)
         prompt_ids, prompt_mask = batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device)
-        gen = torch.Generator(device=self.device).manual_seed(_iteration_seed(h.seed, iteration, rank))
         t0 = time.perf_counter()
-        self.policy.eval()
+        with eval_mode(self.policy):  # sampling and the log-prob passes; the update trains it again
+            out = self._sample(prompt_ids, prompt_mask, iteration)
+            t1 = time.perf_counter()
+            token_lists = [ids[m].tolist() for ids, m in zip(out.response_ids, out.response_mask, strict=True)]
+            responses = self.tokenizer.decode_batch(token_lists)
+            scored, ensemble_std = self._score_batch(prompts, responses, prompt_ids, prompt_mask, out)
+        self._check_finite("reward (the scores of the reward source)", scored.scores, iteration)
+        rollout, stats = shape_rollout(
+            scored, self.kl, self.rewards, self.kl_ctl.value, h.gamma, h.lam, h.whiten_advantages, self._score_stats
+        )
+        self._check_finite("reward (shaped per-token rewards)", rollout.rewards, iteration)
+        self._check_finite("advantage", rollout.advantages, iteration)
+        t2 = time.perf_counter()
+        metrics = self._rollout_metrics(rollout, stats, prompts, responses, token_lists, ensemble_std)
+        return rollout, metrics, RolloutTimes(t1 - t0, t2 - t1, int(out.response_mask.sum()))
+
+    def _sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, iteration: int) -> Generation:
+        """Responses to the (B, P) prompts, with the sampling noise of (seed, iteration, rank)."""
+        h = self.hparams
+        gen = torch.Generator(device=self.device).manual_seed(_iteration_seed(h.seed, iteration, self.global_rank))
         # Sharded, every forward is a collective: the ranks (each with its own prompts) generate until all are done.
         any_alive = (lambda alive: not on_every_rank(self, not alive)) if h.shard else None
-        out = generate(self.policy, prompt_ids, prompt_mask, self.sampling, self.tokenizer.eos_id,
-                       self.tokenizer.pad_id, gen, any_alive=any_alive)  # fmt: skip
-        t1 = time.perf_counter()
-        resp_mask = out.response_mask
-        token_lists = [ids[m].tolist() for ids, m in zip(out.response_ids, resp_mask, strict=True)]
-        responses = self.tokenizer.decode_batch(token_lists)
-        ids = torch.cat([prompt_ids, out.response_ids], 1)  # (B, P + R)
+        return generate(self.policy, prompt_ids, prompt_mask, self.sampling, self.tokenizer.eos_id,
+                        self.tokenizer.pad_id, gen, any_alive=any_alive)  # fmt: skip
+
+    def _score_batch(
+        self, prompts: list[str], responses: list[str], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+        out: Generation,
+    ) -> tuple[ScoredBatch, torch.Tensor | None]:  # fmt: skip
+        """The no-grad passes over sampled responses: log-probs under the policy and the reference (and their exact
+        KL for the "full" metric), values and scores; also the reward ensemble's mean disagreement (None without a
+        reward model)."""
+        resp_ids, resp_mask = out.response_ids, out.response_mask
+        ids = torch.cat([prompt_ids, resp_ids], 1)  # (B, P + R)
         mask = torch.cat([prompt_mask.bool(), resp_mask], 1)
-        p = prompt_ids.shape[1]
-        want_full = h.kl_metric == "full"
-        score = (ids, mask, p, out.response_ids, resp_mask, self._temperature, want_full)
-        logp, logits = self._response_logprobs(self.policy, *score)
-        ref_logp, ref_logits = self._response_logprobs(self.ref_policy, *score)
+        want_full = self.kl.metric == "full"
+        args = (ids, mask, resp_ids, resp_mask, self._temperature, want_full)
+        logp, logits = response_token_logprobs(self.policy, *args)
+        ref_logp, ref_logits = response_token_logprobs(self.ref_policy, *args)
         full_kl = None
         if want_full:
-            full_kl = _scatter(rlhf_kernels.kl_from_logits(logits, ref_logits, self._temperature), resp_mask)
-        values = self._values(ids, mask, p, resp_mask.shape[1])
-        raw_scores = self._scores(prompts, responses, prompt_ids, prompt_mask, out.response_ids, resp_mask, out.ended)
-        self._check_finite("reward (the scores of the reward source)", raw_scores, iteration)
-        scores, length_slope = raw_scores, None
-        if h.length_debias:
-            scores, length_slope = remove_length_trend(raw_scores, resp_mask.sum(-1))
-        if h.score_norm == "running" or self._raw_score_units:
-            # All ranks' scores: every rank normalises with the same statistics and checkpoints the same state.
+            full_kl = unflatten_masked(rlhf_kernels.kl_from_logits(logits, ref_logits, self._temperature), resp_mask)
+        trunk = self.critic_backbone if self.critic_backbone is not None else self.policy
+        values = self.value_head(response_hidden(trunk, ids, mask, prompt_ids.shape[1], resp_mask.shape[1])).float()
+        scores, ensemble_std = self._scores(prompts, responses, prompt_ids, prompt_mask, resp_ids, resp_mask,
+                                            out.ended)  # fmt: skip
+        batch = ScoredBatch(prompt_ids, prompt_mask, resp_ids, resp_mask, out.ended, logp, ref_logp, values, scores,
+                            full_kl)  # fmt: skip
+        return batch, ensemble_std
+
+    def _score_stats(self, scores: torch.Tensor) -> tuple[float, float] | None:
+        """Adds the (B,) scores to the running statistics when anything reads them, all ranks' scores (every rank
+        then normalises with the same statistics and checkpoints the same state); their (mean, std) for
+        ``rewards.norm: running``."""
+        running = self.rewards.norm == "running"
+        if running or self._raw_score_units:
             self.score_moments.update(self.trainer.strategy.all_gather(scores))
-        if h.score_norm == "running":
-            scores = (scores - self.score_moments.mean) / self.score_moments.std
-        kl = per_token_kl(logp, ref_logp, resp_mask, h.kl_metric, full_kl)  # (B, R) logged, and the controller's
-        if h.kl_in_loss:
-            penalty_kl = torch.zeros_like(kl)
-        else:  # k1, the one estimator with the right gradient in the reward (_check_config)
-            penalty_kl = kl if h.kl_metric == "k1" else per_token_kl(logp, ref_logp, resp_mask, "k1")
-        beta = self.kl_ctl.value
-        shaped = shape_rewards(scores, penalty_kl, resp_mask, beta, out.ended, h.missing_eos_score,
-                               h.score_clip)  # fmt: skip
-        self._check_finite("reward (shaped per-token rewards)", shaped.rewards, iteration)
-        advantages, returns = gae(shaped.rewards, values, resp_mask, h.gamma, h.lam)
-        if h.whiten_advantages:
-            advantages = whiten(advantages, resp_mask)
-        self._check_finite("advantage", advantages, iteration)
-        rollout = Rollout(prompt_ids, prompt_mask, out.response_ids, resp_mask, out.ended, logp, ref_logp, values,
-                          raw_scores, kl, shaped.rewards, advantages, returns)  # fmt: skip
-        t2 = time.perf_counter()
-        lengths = resp_mask.sum(-1).float()
+        return (self.score_moments.mean, self.score_moments.std) if running else None
+
+    def _rollout_metrics(
+        self, rollout: Rollout, stats: RolloutStats, prompts: list[str], responses: list[str],
+        token_lists: list[list[int]], ensemble_std: torch.Tensor | None,
+    ) -> dict[str, float]:  # fmt: skip
+        """The rollout's objective/*, rollout/* and diversity/* metrics."""
+        lengths = rollout.response_mask.sum(-1).float()
         metrics = {
-            "objective/proxy_reward": float(raw_scores.mean()),
-            "objective/score": float(shaped.score.mean()),
-            "objective/non_score_reward": float(shaped.penalty.sum(-1).mean()),
-            "objective/rlhf_reward": float(shaped.rewards.sum(-1).mean()),
+            "objective/proxy_reward": float(rollout.scores.mean()),
+            "objective/score": stats.score,
+            "objective/non_score_reward": stats.non_score_reward,
+            "objective/rlhf_reward": stats.rlhf_reward,
             "rollout/length_mean": float(lengths.mean()),
-            "rollout/eos_rate": float(out.ended.float().mean()),
-            "rollout/score_length_corr": pearson(raw_scores, lengths),
+            "rollout/eos_rate": float(rollout.ended.float().mean()),
+            "rollout/score_length_corr": pearson(rollout.scores, lengths),
             "rollout/duplicate_rate": duplicate_rate(prompts, responses),
             **diversity_metrics(token_lists, self.tokenizer.vocab_size),
         }
-        judge = dm.judge
+        judge = self.trainer.datamodule.judge
         if judge is not None:  # with the judge as the reward source its scores are already at hand
-            gold = raw_scores if h.reward_source == "gold" else judge.score(prompts, responses, out.ended.cpu().numpy())
+            gold = rollout.scores if self.hparams.reward_source == "gold" else judge.score(
+                prompts, responses, rollout.ended.cpu().numpy())  # fmt: skip
             metrics["objective/gold_reward"] = float(gold.mean())
-        if length_slope is not None:
-            metrics["objective/length_slope"] = length_slope
+        if stats.length_slope is not None:
+            metrics["objective/length_slope"] = stats.length_slope
         if self.reward_model is not None and self.reward_model.n_members > 1:
-            metrics["objective/ensemble_std"] = float(self._last_ensemble_std)
-        info = {"metrics": metrics, "generate_s": t1 - t0, "score_s": t2 - t1, "tokens": int(resp_mask.sum())}
-        return rollout, info
+            metrics["objective/ensemble_std"] = float(ensemble_std)
+        return metrics
 
     @property
     def _raw_score_units(self) -> bool:
         """Whether the scores the policy sees are in the reward source's own units (not normalised: neither the
-        reward model's SFT-centred scores nor ``score_norm: running``)."""
-        h = self.hparams
-        return h.reward_source != "model" and h.score_norm == "none"
+        reward model's SFT-centred scores nor ``rewards.norm: running``)."""
+        return self.hparams.reward_source != "model" and self.rewards.norm == "none"
 
     @property
     def _value_clip(self) -> float | None:
@@ -616,53 +589,25 @@ class PPOModule(PhaseModule):
     def _temperature(self) -> float:
         return self.sampling.temperature or 1.0
 
-    @staticmethod
-    def _response_logprobs(
-        model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, p: int, response_ids: torch.Tensor,
-        response_mask: torch.Tensor, temperature: float, keep_logits: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-        """(B, R) log-probs of the response tokens under ``model`` at ``temperature`` (0 at padding), and the (N, V)
-        logits at the real response positions when ``keep_logits``. They must equal :func:`generate`'s log-probs
-        (the importance ratio starts at 1).
-
-        Args:
-            ids, mask: (B, P + R) prompt + response; p: P.
-            response_ids, response_mask: (B, R).
-        """
-        hidden = PPOModule._response_hidden(model, ids, mask, p, response_ids.shape[1])  # (B, R, D)
-        logits = hidden[response_mask] @ model.lm_head_weight.T  # (N, V)
-        logp = rlhf_kernels.token_logprobs(logits, response_ids[response_mask], temperature)
-        return _scatter(logp.float(), response_mask), logits if keep_logits else None
-
-    @staticmethod
-    def _response_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, p: int, r: int) -> torch.Tensor:
-        """(B, R, D) hidden states that predict the R response tokens: positions P - 1 .. P + R - 2."""
-        return model(ids, mask)[:, p - 1 : p + r - 1]
-
-    def _values(self, ids: torch.Tensor, mask: torch.Tensor, p: int, r: int) -> torch.Tensor:
-        """(B, R) critic values V(s_t) of the state before each response token."""
-        trunk = self.critic_backbone if self.critic_backbone is not None else self.policy
-        return self.value_head(self._response_hidden(trunk, ids, mask, p, r)).float()
-
     def _scores(
         self, prompts: list[str], responses: list[str], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
         response_ids: torch.Tensor, response_mask: torch.Tensor, ended: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
-        """(B,) sequence scores from the configured reward source."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """(B,) sequence scores from the configured reward source, and the reward ensemble's mean disagreement (None
+        without a reward model)."""
         source = self.hparams.reward_source
         if source == "model":
             ids, mask = join_left_right(prompt_ids, prompt_mask, response_ids, response_mask)
             scores = self.reward_model.score(ids, mask)
-            self._last_ensemble_std = scores.std.mean()
-            return scores.conservative(self.hparams.ensemble_k).float()
+            return scores.conservative(self.rewards.ensemble_k).float(), scores.std.mean()
         if source == "gold":
             gold = self.trainer.datamodule.judge.score(prompts, responses, ended.cpu().numpy())
-            return torch.as_tensor(gold, dtype=torch.float32, device=self.device)
+            return torch.as_tensor(gold, dtype=torch.float32, device=self.device), None
         out = torch.as_tensor(self._score_fn(prompts, responses), dtype=torch.float32, device=self.device).flatten()
         if out.shape != (len(prompts),):
             shape = tuple(out.shape)
             raise ValueError(f"reward_source {source!r} returned {shape} scores for {len(prompts)} responses")
-        return out
+        return out, None
 
     # -- the PPO update ----------------------------------------------------------------------------------------------
     def update(self, rollout: Rollout, iteration: int) -> dict[str, float]:
@@ -709,14 +654,17 @@ class PPOModule(PhaseModule):
 
     def _clip_gradients(self) -> dict[str, torch.Tensor]:
         """Clips the policy's and the critic's gradients separately; returns their norms before clipping."""
-        h = self.hparams
+        groups = {"policy": list(self.policy.parameters()), "value": self._critic_parameters()}
+        clip = torch.nn.utils.clip_grad_norm_
+        return {name: clip([p for p in params if p.grad is not None], self.hparams.max_grad_norm, foreach=True)
+                for name, params in groups.items()}  # fmt: skip
+
+    def _critic_parameters(self) -> list[nn.Parameter]:
+        """The value head's parameters and the critic backbone's (when the critic has its own)."""
         critic = list(self.value_head.parameters())
         if self.critic_backbone is not None:
             critic += list(self.critic_backbone.parameters())
-        groups = {"policy": list(self.policy.parameters()), "value": critic}
-        clip = torch.nn.utils.clip_grad_norm_
-        return {name: clip([p for p in params if p.grad is not None], h.max_grad_norm, foreach=True)
-                for name, params in groups.items()}  # fmt: skip
+        return critic
 
     def _minibatch_loss(self, mb: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """Policy loss (fused, from the logits) + vf_coef * clipped value loss of one minibatch, and its stats."""
@@ -727,22 +675,23 @@ class PPOModule(PhaseModule):
         hidden = self.policy(ids, mask)  # (b, P + R, D)
         logits = hidden[:, p - 1 : p + r - 1][sel] @ self.policy.lm_head_weight.T  # (N, V)
         ref_logits = None
-        if h.kl_in_loss and h.kl_estimator == "full":
+        kl = self.kl
+        if kl.in_loss and kl.estimator == "full":
             with torch.no_grad():  # the exact KL in the loss reads the reference's logits at the same positions
                 ref_logits = self.ref_policy(ids, mask)[:, p - 1 : p + r - 1][sel] @ self.ref_policy.lm_head_weight.T
         beta = self.kl_ctl.value
-        pg_loss, pstats = rlhf_kernels.ppo_loss_from_logits(
-            logits, mb.response_ids[sel], mb.logprobs[sel], mb.advantages[sel], torch.ones_like(sel[sel]),
-            clip_eps_low=h.clip_eps, clip_eps_high=h.clip_eps if h.clip_eps_high is None else h.clip_eps_high,
-            entropy_coef=h.entropy_coef, ref_logp=mb.ref_logprobs[sel] if h.kl_in_loss else None,
-            kl_coef=beta if h.kl_in_loss else 0.0, kl_estimator=h.kl_estimator if h.kl_in_loss else "k1",
-            temperature=self._temperature, inplace=True, ref_logits=ref_logits,
+        pg_loss, pstats = policy_loss(
+            logits, mb.response_ids[sel], mb.logprobs[sel], mb.advantages[sel], clip_eps_low=h.clip_eps,
+            clip_eps_high=h.clip_eps if h.clip_eps_high is None else h.clip_eps_high, entropy_coef=h.entropy_coef,
+            temperature=self._temperature, ref_logprobs=mb.ref_logprobs[sel] if kl.in_loss else None,
+            kl_coef=beta if kl.in_loss else 0.0, kl_estimator=kl.estimator if kl.in_loss else "k1",
+            ref_logits=ref_logits,
         )  # fmt: skip
         if self.critic_backbone is not None:
             values = self.value_head(self.critic_backbone(ids, mask)[:, p - 1 : p + r - 1])  # (b, R)
         else:
             values = self.value_head(hidden[:, p - 1 : p + r - 1])
-        v_loss, v_clipfrac = clipped_value_loss(values.float(), mb.values, mb.returns, sel, self._value_clip)
+        v_loss, v_clipfrac = value_loss(values.float(), mb.values, mb.returns, sel, self._value_clip)
         loss = pg_loss + h.vf_coef * v_loss
         stats = {
             "policy/loss": float(pg_loss.detach()),
@@ -761,10 +710,10 @@ class PPOModule(PhaseModule):
     def evaluate(self) -> dict[str, float]:
         """Samples the held-out prompts with the current and the SFT policy (same seed); gold reward and win rate
         against SFT under the gold judge (ties count half), proxy reward, and a text table of both side by side."""
-        h, dm = self.hparams, self.trainer.datamodule
+        h, dm = self.eval_config, self.trainer.datamodule
         prompts, batch = dm.eval_prompts()
         args = (self.tokenizer, prompts, batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device),
-                self.sampling, h.eval_seed, dm.judge)  # fmt: skip
+                self.sampling, h.seed, dm.judge)  # fmt: skip
         if self._sft_eval is None:  # the reference never changes: its samples are drawn once
             self._sft_eval = sample_eval(self.ref_policy, *args)
             self._sft_eval_proxy = self._eval_proxy(self._sft_eval, batch)
@@ -782,14 +731,14 @@ class PPOModule(PhaseModule):
             metrics["eval/gold_reward"] = float(cur.gold.mean())
             metrics["eval/sft_gold_reward"] = float(self._sft_eval.gold.mean())
             metrics["eval/win_rate"] = win_rate(cur.gold, self._sft_eval.gold)
-        if h.eval_groups > 0:
+        if h.groups > 0:
             if self._sft_per_input is None:
                 self._sft_per_input = self._per_input_diversity(self.ref_policy, prompts, batch, "eval/sft_per_input")
             metrics.update(self._sft_per_input)
             metrics.update(self._per_input_diversity(self.policy, prompts, batch, "diversity/per_input"))
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_text"):
-            table = comparison_table(self._sft_eval, cur, self._sft_eval_proxy, proxy, h.eval_table_rows)
+            table = comparison_table(self._sft_eval, cur, self._sft_eval_proxy, proxy, h.table_rows)
             experiment.add_text("eval/sft_vs_policy", table, self.iteration)
         return metrics
 
@@ -798,12 +747,12 @@ class PPOModule(PhaseModule):
     ) -> dict[str, float]:
         """Diversity within each prompt's samples: ``eval_samples_per_prompt`` responses to each of the first
         ``eval_groups`` held-out prompts, scored per prompt and averaged. Keys ``{prefix}_distinct_2`` etc."""
-        h = self.hparams
-        g, k = min(h.eval_groups, len(prompts)), h.eval_samples_per_prompt
+        h = self.eval_config
+        g, k = min(h.groups, len(prompts)), h.samples_per_prompt
         ids = batch["prompt_ids"][:g].repeat_interleave(k, 0).to(self.device)  # (g * k, P)
         mask = batch["prompt_mask"][:g].repeat_interleave(k, 0).to(self.device)
         texts = [t for t in prompts[:g] for _ in range(k)]
-        samples = sample_eval(model, self.tokenizer, texts, ids, mask, self.sampling, h.eval_seed + 1)
+        samples = sample_eval(model, self.tokenizer, texts, ids, mask, self.sampling, h.seed + 1)
         groups = torch.arange(g).repeat_interleave(k)
         scores = diversity_metrics(samples.token_ids, self.tokenizer.vocab_size, groups, prefix="x")
         return {f"{prefix}_{name[2:]}": value for name, value in scores.items()}
@@ -816,92 +765,28 @@ class PPOModule(PhaseModule):
         resp_ids, resp_mask = (t.to(self.device) for t in padded)
         ids, mask = join_left_right(batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device),
                                     resp_ids, resp_mask)  # fmt: skip
-        return self.reward_model.score(ids, mask).conservative(self.hparams.ensemble_k).float().cpu()
+        return self.reward_model.score(ids, mask).conservative(self.rewards.ensemble_k).float().cpu()
 
     # -- optimisation ------------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
         h = self.hparams
-        critic = list(self.value_head.parameters())
-        if self.critic_backbone is not None:
-            critic += list(self.critic_backbone.parameters())
         opt = torch.optim.AdamW(
             [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": h.lr},
-             {"params": critic, "lr": h.critic_lr}],
+             {"params": self._critic_parameters(), "lr": h.critic_lr}],
             weight_decay=h.weight_decay, betas=tuple(h.betas), fused=True,  # one kernel per step, not one per tensor
         )  # fmt: skip
         total = h.iterations * h.ppo_epochs * (h.rollout_batch // h.minibatch_size)
-
-        def factor(step: int) -> float:
-            if step < h.warmup_steps:
-                return (step + 1) / h.warmup_steps
-            progress = min(1.0, (step - h.warmup_steps) / max(1, total - h.warmup_steps))
-            return 1.0 - (1.0 - h.min_lr_ratio) * progress
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return with_lr_schedule(opt, h.warmup_steps, total, h.min_lr_ratio, "linear")
 
 
-def kl_controller_from(h: Any):
-    """The KL controller the module's hyperparameters describe."""
-    return kl_controller(
-        h.kl_controller, h.kl_coef, target=h.kl_target, horizon=h.kl_horizon, floor=h.kl_floor,
-        anneal_iterations=h.kl_anneal_iterations, schedule=h.kl_schedule, min_value=h.kl_min, max_value=h.kl_max,
-    )  # fmt: skip
+def _config(cls: type, value: Any) -> Any:
+    """A config dataclass argument as an instance: a dict (hyperparameters saved under LightningCLI) is converted."""
+    return cls(**value) if isinstance(value, dict) else value
 
 
-def clipped_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """0.5 * max((V - G)^2, (V_clipped - G)^2), masked mean, with V_clipped = V_old + clip(V - V_old, -c, c): the
-    critic cannot move further than ``clip`` from the rollout's values in one iteration.
+class RolloutTimes(NamedTuple):
+    """Seconds spent sampling and scoring one rollout, and the response tokens it sampled."""
 
-    Args:
-        values: (B, R) current values (with gradient); old_values: (B, R) the rollout's; returns: (B, R) targets.
-        mask: (B, R) real response tokens.
-
-    Returns:
-        (loss, fraction of tokens where the clipped term was the larger one).
-    """
-    err = (values - returns) ** 2
-    if clip is None:
-        return 0.5 * masked_mean(err, mask), torch.zeros((), device=values.device)
-    clipped = old_values + (values - old_values).clamp(-clip, clip)
-    err_clipped = (clipped - returns) ** 2
-    return 0.5 * masked_mean(torch.maximum(err, err_clipped), mask), masked_mean((err_clipped > err).float(), mask)
-
-
-def duplicate_rate(prompts: list[str], responses: list[str]) -> float:
-    """Share of responses that some response to a *different* prompt repeats word for word: near 0 for a healthy
-    policy, high when it answers everything with the same text (mode collapse across inputs)."""
-    by_text: dict[str, set[str]] = defaultdict(set)
-    for prompt, response in zip(prompts, responses, strict=True):
-        by_text[response].add(prompt)
-    return sum(len(by_text[r]) > 1 for r in responses) / max(len(responses), 1)
-
-
-def win_rate(policy_scores: torch.Tensor, baseline_scores: torch.Tensor) -> float:
-    """Share of prompts where the policy's response scores above the baseline's (ties count half). Both (B,)."""
-    wins = (policy_scores > baseline_scores).float() + 0.5 * (policy_scores == baseline_scores).float()
-    return float(wins.mean())
-
-
-def comparison_table(
-    sft: EvalSamples, cur: EvalSamples, sft_proxy: torch.Tensor | None, proxy: torch.Tensor | None, rows: int
-) -> str:
-    """Markdown table: prompt, SFT response and its scores, current response and its scores."""
-
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
-
-    def scores(i: int, gold: torch.Tensor | None, prox: torch.Tensor | None) -> str:
-        parts = [f"proxy {float(prox[i]):.2f}" if prox is not None else "", f"gold {float(gold[i]):.2f}" if gold is
-                 not None else ""]  # fmt: skip
-        return ", ".join(x for x in parts if x)
-
-    lines = ["| prompt | SFT response | SFT scores | policy response | policy scores |", "|---|---|---|---|---|"]
-    for i in range(min(rows, len(cur.prompts))):
-        lines.append(
-            f"| {cell(cur.prompts[i])} | {cell(sft.responses[i])} | {scores(i, sft.gold, sft_proxy)} "
-            f"| {cell(cur.responses[i])} | {scores(i, cur.gold, proxy)} |"
-        )
-    return "\n".join(lines)
+    generate_s: float
+    score_s: float
+    tokens: int

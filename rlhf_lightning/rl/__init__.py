@@ -1,5 +1,6 @@
-"""Pure functions and small state objects of the RL phase: advantages, KL penalty and controllers, reward shaping,
-the rollout container. No Lightning here: the PPO module orchestrates them."""
+"""The PPO math as pure functions and small state objects: advantages, the KL penalty and its controllers, reward
+shaping, a rollout's whole shaping (:func:`shape_rollout`), the policy and value losses, the rollout container. No
+Lightning here: the PPO module orchestrates them."""
 
 from rlhf_kernels import KL_ESTIMATORS
 from rlhf_lightning.rl.advantages import explained_variance, gae, masked_mean, masked_var, whiten
@@ -8,18 +9,22 @@ from rlhf_lightning.rl.kl import (
     AdaptiveKL,
     AnnealedKL,
     FixedKL,
+    KLConfig,
     KLController,
     KLEstimator,
     kl_controller,
     per_token_kl,
 )
+from rlhf_lightning.rl.losses import policy_loss, value_loss
 from rlhf_lightning.rl.rewards import (
+    RewardConfig,
     RunningMoments,
     ShapedRewards,
     last_real_index,
     remove_length_trend,
     shape_rewards,
 )
+from rlhf_lightning.rl.rollout import RolloutStats, ScoredBatch, ScoreStats, shape_rollout
 from rlhf_lightning.rl.types import Rollout
 
 __all__ = [
@@ -28,10 +33,15 @@ __all__ = [
     "AdaptiveKL",
     "AnnealedKL",
     "FixedKL",
+    "KLConfig",
     "KLController",
     "KLEstimator",
+    "RewardConfig",
     "Rollout",
+    "RolloutStats",
     "RunningMoments",
+    "ScoreStats",
+    "ScoredBatch",
     "ShapedRewards",
     "explained_variance",
     "gae",
@@ -40,7 +50,10 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "per_token_kl",
+    "policy_loss",
     "remove_length_trend",
     "shape_rewards",
+    "shape_rollout",
+    "value_loss",
     "whiten",
 ]

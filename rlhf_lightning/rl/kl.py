@@ -15,6 +15,7 @@ with the same beta.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -166,8 +167,68 @@ def kl_controller(
         return FixedKL(beta)
     if kind == "adaptive":
         if target is None:
-            raise ValueError("kl controller 'adaptive' needs a target KL (kl_target)")
+            raise ValueError("kl controller 'adaptive' needs a target KL (kl.target)")
         return AdaptiveKL(beta, target, horizon, min_value, max_value)
     if kind == "annealed":
         return AnnealedKL(beta, floor, anneal_iterations, schedule)
     raise ValueError(f"kl controller must be fixed, adaptive or annealed, got {kind!r}")
+
+
+@dataclass
+class KLConfig:
+    """The KL penalty towards the reference: its coefficient beta and controller, its estimator and where it acts.
+
+    coef: beta (the controller's start).
+    controller: "fixed", "adaptive" (towards ``target`` nats per response over ``horizon`` samples, beta within
+        [min_coef, max_coef]) or "annealed" (from ``coef`` to ``floor`` over ``anneal_iterations`` with ``schedule``).
+    estimator: the per-token KL penalised. In the reward (``placement: reward``) only "k1": the reward is a constant
+        to the policy gradient, whose score-function estimate then has the KL's own gradient only for k1 (k2 and k3
+        give a biased one, "full" none at the sampled token). In the loss: "k2" (gradient of KL(pi || ref) in
+        expectation), "k3" (of the reverse KL, GRPO's choice) or "full" (the exact KL over the vocabulary from both
+        models' logits: one more reference forward per minibatch); k1 is refused there (zero gradient in expectation).
+    metric: the estimator logged as ``objective/kl`` and fed to the controller: "k1", "k2", "k3" or "full" (k3 or
+        full: a low-noise, non-negative measurement; full costs both models' (N, V) logits per rollout).
+    placement: "reward" (``-beta * KL_t`` per token in the shaped reward) or "loss" (``beta * k(logp, ref_logp)`` in
+        the policy loss, GRPO style).
+    """
+
+    coef: float = 0.05
+    controller: Literal["fixed", "adaptive", "annealed"] = "fixed"
+    target: float | None = None
+    horizon: int = DEFAULT_KL_HORIZON
+    min_coef: float = 1e-4
+    max_coef: float = 10.0
+    floor: float = 0.0
+    anneal_iterations: int = 100
+    schedule: Literal["cosine", "linear", "exponential"] = "cosine"
+    estimator: KLEstimator = "k1"
+    metric: KLEstimator = "k1"
+    placement: Literal["reward", "loss"] = "reward"
+
+    def __post_init__(self) -> None:
+        for name in ("estimator", "metric"):
+            if getattr(self, name) not in rlhf_kernels.KL_ESTIMATORS:
+                raise ValueError(f"kl.{name} must be one of {rlhf_kernels.KL_ESTIMATORS}, got {getattr(self, name)!r}")
+        if self.placement not in ("reward", "loss"):
+            raise ValueError(f"kl.placement must be 'reward' or 'loss', got {self.placement!r}")
+        if self.in_loss and self.estimator == "k1":
+            # In the loss only the estimator's gradient acts: k1's is zero in expectation (no pull towards the
+            # reference at all), k2's is that of KL(pi || ref), k3's that of KL(ref || pi), full's the exact one.
+            raise ValueError("kl.estimator 'k1' cannot be used with kl.placement 'loss': its gradient is zero in "
+                             "expectation; use k2, k3 or full")  # fmt: skip
+        if not self.in_loss and self.estimator != "k1":
+            # In the reward the penalty acts through the score-function gradient E[kl_t grad log pi(y_t)], which is
+            # grad KL only for k1 (docs/kl_penalty.md).
+            raise ValueError(f"kl.estimator {self.estimator!r} in the reward has a biased (or zero) policy gradient; "
+                             "use k1 in the reward, or kl.placement: loss with it (set kl.metric to log another "
+                             "estimator)")  # fmt: skip
+
+    @property
+    def in_loss(self) -> bool:
+        return self.placement == "loss"
+
+    def build_controller(self) -> KLController:
+        """The controller this config describes."""
+        return kl_controller(self.controller, self.coef, target=self.target, horizon=self.horizon, floor=self.floor,
+                             anneal_iterations=self.anneal_iterations, schedule=self.schedule,
+                             min_value=self.min_coef, max_value=self.max_coef)  # fmt: skip

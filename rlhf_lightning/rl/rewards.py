@@ -7,9 +7,42 @@ objective whose optimum is ``pi_sft * exp(score / beta) / Z``.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
+
+
+@dataclass
+class RewardConfig:
+    """What the policy is paid: the reward source's score, transformed.
+
+    clip: scores are clipped to +- clip (None: no clipping).
+    norm: "none", or "running": scores standardised by running statistics of all scores so far.
+    debias: take out of each rollout's scores their straight-line trend in response length (a fix for a
+        length-biased reward model; see :func:`remove_length_trend`). The proxy reward logged stays the reward
+        source's own; ``objective/length_slope`` logs the slope removed.
+    missing_eos_score: the score of a response that never emitted EOS, replacing the reward source's (None: keep it;
+        see :func:`shape_rewards`).
+    ensemble_k: weight of a reward-model ensemble's disagreement in the conservative reward ``mean - k * std`` (0:
+        the ensemble mean).
+    norm_samples: at the start, the reward model's normalisation statistics are re-measured on this many responses
+        of the SFT policy to training prompts, sampled with the phase's sampling settings, so the scores start
+        centred with unit spread on exactly the distribution PPO samples. 0: keep the checkpoint's statistics.
+    """
+
+    clip: float | None = 5.0
+    norm: Literal["none", "running"] = "none"
+    debias: bool = False
+    missing_eos_score: float | None = -1.0
+    ensemble_k: float = 0.0
+    norm_samples: int = 512
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("none", "running"):
+            raise ValueError(f"rewards.norm must be 'none' or 'running', got {self.norm!r}")
+        if self.norm_samples == 1 or self.norm_samples < 0:
+            raise ValueError(f"rewards.norm_samples must be 0 (keep the checkpoint's) or >= 2, got {self.norm_samples}")
 
 
 class ShapedRewards(NamedTuple):

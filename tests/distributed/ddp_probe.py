@@ -64,10 +64,10 @@ class DDPProbe(Callback):
             return prompts, batch
 
         def recording_rollout(iteration: int):
-            rollout, info = make_rollout(iteration)
-            local = {"kl": float(rollout.kl.sum(-1).mean()), **info["metrics"]}
+            rollout, metrics, times = make_rollout(iteration)
+            local = {"kl": float(rollout.kl.sum(-1).mean()), **metrics}
             self.record["iterations"][-1]["local"] = local
-            return rollout, info
+            return rollout, metrics, times
 
         dm.rollout_prompts, module.make_rollout = recording_prompts, recording_rollout
 

@@ -47,10 +47,10 @@ RM_ARGS = ["--data.init_args.batch_size=8", "--trainer.max_steps=2", "--trainer.
 #: Adaptive beta with a short horizon (it moves every iteration), running score statistics, and the early stop on
 #: the approximate KL: every state that must agree across ranks is in play.
 PPO_ARGS = ["--model.init_args.iterations=2", "--model.init_args.rollout_batch=8", "--model.init_args.minibatch_size=4",
-            "--model.init_args.ppo_epochs=2", "--model.init_args.eval_every=2", "--model.init_args.eval_groups=2",
-            "--model.init_args.eval_samples_per_prompt=2", "--model.init_args.sampling.max_new_tokens=8",
-            "--model.init_args.kl_controller=adaptive", "--model.init_args.kl_target=0.5",
-            "--model.init_args.kl_horizon=100", "--model.init_args.score_norm=running",
+            "--model.init_args.ppo_epochs=2", "--model.init_args.eval.every=2", "--model.init_args.eval.groups=2",
+            "--model.init_args.eval.samples_per_prompt=2", "--model.init_args.sampling.max_new_tokens=8",
+            "--model.init_args.kl.controller=adaptive", "--model.init_args.kl.target=0.5",
+            "--model.init_args.kl.horizon=100", "--model.init_args.rewards.norm=running",
             "--model.init_args.target_approx_kl=1.0", "--data.init_args.eval_prompts=8"]  # fmt: skip
 
 

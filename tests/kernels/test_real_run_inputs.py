@@ -22,8 +22,8 @@ from rlhf_kernels.reference import kl_from_logits_reference, ppo_loss_reference,
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
 FP32 = torch.float32
-#: The PPO module's method that scores a rollout's response tokens under the policy and under the reference.
-SCORING = "_response_logprobs"
+#: The function that scores a rollout's response tokens under the policy and under the reference (modules/common.py).
+SCORING = "response_token_logprobs"
 
 
 def recording(calls: list[dict], op):
@@ -63,9 +63,9 @@ def run(tmp_path_factory) -> dict[str, list[dict]]:
         main(["fit", "-c", str(CONFIGS / "ppo.yaml"), "--model.init_args.reward_source=gold",
               "--model.init_args.reward_checkpoint=null", "--model.init_args.iterations=2",
               "--model.init_args.rollout_batch=8", "--model.init_args.minibatch_size=4",
-              "--model.init_args.ppo_epochs=1", "--model.init_args.eval_every=100",
+              "--model.init_args.ppo_epochs=1", "--model.init_args.eval.every=100",
               "--model.init_args.sampling.max_new_tokens=12",
-              "--model.init_args.kl_in_loss=true", "--model.init_args.kl_estimator=k3",
+              "--model.init_args.kl.placement=loss", "--model.init_args.kl.estimator=k3",
               "--model.init_args.entropy_coef=0.01", "--model.init_args.lr=3e-3", "--data.init_args.eval_prompts=8",
               "--trainer.callbacks.init_args.every_n_train_steps=100", "--trainer.limit_val_batches=0",
               *QUIET])  # fmt: skip

@@ -17,6 +17,7 @@ from rlhf_lightning.metrics import (
     SelfBLEU,
     distinct_n,
     diversity_metrics,
+    duplicate_rate,
     expectation_adjusted_distinct,
     ngram_overlap,
     self_bleu,
@@ -230,3 +231,10 @@ def test_merge_state_gives_the_single_process_value(name):
     merged = fed(METRICS[name](False), BATCHES[:1])
     merged.merge_state(fed(METRICS[name](False), BATCHES[1:]))
     assert float(merged.compute()) == pytest.approx(single)
+
+
+def test_duplicate_rate_counts_only_repeats_across_prompts():
+    prompts = ["a", "a", "b", "c", "d"]
+    responses = ["x", "x", "y", "y", "z"]  # "x" twice for one prompt is not a collapse; "y" for b and c is
+    assert duplicate_rate(prompts, responses) == pytest.approx(2 / 5)
+    assert duplicate_rate(["a", "b"], ["same", "same"]) == 1.0

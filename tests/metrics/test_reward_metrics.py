@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf_lightning.metrics import expected_calibration_error, order_agreement, pairwise_accuracy, pearson
+from rlhf_lightning.metrics import expected_calibration_error, order_agreement, pairwise_accuracy, pearson, win_rate
 
 LOG4 = math.log(4.0)  # sigmoid(log 4) = 0.8
 LOG1_5 = math.log(1.5)  # sigmoid(log 1.5) = 0.6
@@ -102,3 +102,7 @@ def test_pearson_perfect_and_hand_worked():
 def test_pearson_of_a_constant_is_zero():
     assert pearson(t(1, 2, 3), t(4, 4, 4)) == 0.0
     assert pearson(t(2, 2, 2), t(1, 5, 3)) == 0.0
+
+
+def test_win_rate_by_hand():
+    assert win_rate(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 4.0, -1.0])) == pytest.approx(0.625)

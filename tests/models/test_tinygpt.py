@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_lightning.models.backbone import backbone_from_spec, backbone_spec, build_backbone
+from rlhf_lightning.models.backbone import backbone_from_spec, backbone_spec, build_backbone, disable_dropout, freeze
 from rlhf_lightning.models.heads import ScalarHead, ValueHead, last_token_index
 from rlhf_lightning.models.tinygpt import GPTConfig, TinyGPT, attention_mask_4d
 
@@ -89,3 +89,16 @@ def test_mean_pooling_head_averages_the_per_token_scores_of_real_tokens_only():
     torch.testing.assert_close(head(hidden, mask), want)
     with pytest.raises(ValueError, match="pooling must be"):
         ScalarHead(8, pooling="max")
+
+
+def test_disable_dropout_makes_training_mode_deterministic():
+    model = TinyGPT(GPTConfig(vocab_size=20, n_layer=1, n_head=2, d_model=16, max_seq_len=8, dropout=0.5)).train()
+    ids, mask = torch.randint(0, 20, (2, 6)), torch.ones(2, 6, dtype=torch.bool)
+    assert not torch.equal(model(ids, mask), model(ids, mask))  # dropout on: two passes differ
+    disable_dropout(model)
+    torch.testing.assert_close(model(ids, mask), model.eval()(ids, mask), rtol=0, atol=0)
+
+
+def test_freeze_turns_gradients_and_training_mode_off():
+    model = freeze(TinyGPT(GPTConfig(vocab_size=20, n_layer=1, n_head=2, d_model=16, max_seq_len=8)).train())
+    assert not model.training and not any(p.requires_grad for p in model.parameters())

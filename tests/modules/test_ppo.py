@@ -18,16 +18,9 @@ from rlhf_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint
 from rlhf_lightning.cli import main
 from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.models.lora import LoRAConfig
-from rlhf_lightning.models.tinygpt import GPTConfig, TinyGPT
 from rlhf_lightning.modules import PPOModule
-from rlhf_lightning.modules.ppo import (
-    PPO_STATE_KEY,
-    clipped_value_loss,
-    disable_dropout,
-    duplicate_rate,
-    import_score_fn,
-    win_rate,
-)
+from rlhf_lightning.modules.ppo import PPO_STATE_KEY, EvalConfig, import_score_fn
+from rlhf_lightning.rl import KLConfig, RewardConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -63,13 +56,27 @@ def base(tmp_path_factory) -> Path:
     return root
 
 
+def grouped(settings: dict) -> dict:
+    """PPOModule's keyword arguments from settings written flat for brevity (``kl_coef`` for ``kl.coef``, as
+    ``PPOModule.RENAMED`` maps them; ``kl_in_loss`` a bool), with the KL, reward and evaluation ones in their groups."""
+    out, groups = {}, {"kl": {}, "rewards": {}, "eval": {}}
+    for key, value in settings.items():
+        if key not in PPOModule.RENAMED:
+            out[key] = value
+            continue
+        group, name = PPOModule.RENAMED[key].split(".")
+        groups[group][name] = ("loss" if value else "reward") if key == "kl_in_loss" else value
+    configs = {"kl": KLConfig, "rewards": RewardConfig, "eval": EvalConfig}
+    return {**out, **{group: configs[group](**values) for group, values in groups.items() if values}}
+
+
 def make_module(base: Path, **overrides) -> PPOModule:
     args = {"sft_checkpoint": str(base / SFT_CKPT), "reward_checkpoint": str(base / RM_CKPT), "iterations": 2,
             "sampling": {"max_new_tokens": 8, "temperature": 1.0}, **SMALL, **overrides}  # fmt: skip
     from rlhf_lightning.models.sampling import SamplingConfig
 
     args["sampling"] = SamplingConfig(**args["sampling"])
-    return PPOModule(**args)
+    return PPOModule(**grouped(args))
 
 
 class StopAfter(Callback):
@@ -234,9 +241,9 @@ def test_startup_errors(base, tmp_path):
         make_module(base, minibatch_size=3)
     with pytest.raises(FileNotFoundError, match=r"reward_checkpoint .*nope.ckpt does not exist"):
         make_module(base, reward_checkpoint=str(tmp_path / "nope.ckpt"))
-    with pytest.raises(ValueError, match="kl_estimator 'k1' cannot be used with kl_in_loss"):
+    with pytest.raises(ValueError, match=r"kl\.estimator 'k1' cannot be used with kl\.placement 'loss'"):
         make_module(base, kl_estimator="k1", kl_in_loss=True)
-    with pytest.raises(ValueError, match="reward_norm_samples must be 0"):
+    with pytest.raises(ValueError, match=r"rewards\.norm_samples must be 0"):
         make_module(base, reward_norm_samples=1)
     with pytest.raises(ValueError, match="cannot be imported"):
         import_score_fn("no_such_module_xyz:fn")
@@ -272,14 +279,6 @@ def test_length_debias_takes_the_length_incentive_out_of_the_reward(base, tmp_pa
     assert sum(lengths[True][-3:]) / 3 < sum(lengths[False][-3:]) / 3 - 3, lengths
 
 
-def test_disable_dropout_makes_training_mode_deterministic():
-    model = TinyGPT(GPTConfig(vocab_size=20, n_layer=1, n_head=2, d_model=16, max_seq_len=8, dropout=0.5)).train()
-    ids, mask = torch.randint(0, 20, (2, 6)), torch.ones(2, 6, dtype=torch.bool)
-    assert not torch.equal(model(ids, mask), model(ids, mask))  # dropout on: two passes differ
-    disable_dropout(model)
-    torch.testing.assert_close(model(ids, mask), model.eval()(ids, mask), rtol=0, atol=0)
-
-
 def test_lora_dropout_is_off_in_the_update(base):
     module = make_module(base, iterations=1, lora=LoRAConfig(r=4, alpha=8.0, dropout=0.5), eval_groups=0)
     dm = PromptDataModule(data_dir=str(base / "runs/world"), eval_prompts=8, generate_world=False)
@@ -293,31 +292,13 @@ def test_lora_dropout_is_off_in_the_update(base):
     assert torch.equal(module.policy(ids, mask), module.policy(ids, mask))
 
 
-def test_value_loss_clipping_and_win_rate_by_hand():
-    values = torch.tensor([[1.0, 0.0]], requires_grad=True)
-    old = torch.tensor([[0.0, 0.0]])
-    returns = torch.tensor([[2.0, 1.0]])
-    mask = torch.tensor([[True, False]])
-    loss, frac = clipped_value_loss(values, old, returns, mask, clip=0.2)
-    # token 0: unclipped (1 - 2)^2 = 1, clipped (0.2 - 2)^2 = 3.24 -> max 3.24, halved
-    assert float(loss) == pytest.approx(1.62) and float(frac) == 1.0
-    assert win_rate(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 4.0, -1.0])) == pytest.approx(0.625)
-
-
-def test_duplicate_rate_counts_only_repeats_across_prompts():
-    prompts = ["a", "a", "b", "c", "d"]
-    responses = ["x", "x", "y", "y", "z"]  # "x" twice for one prompt is not a collapse; "y" for b and c is
-    assert duplicate_rate(prompts, responses) == pytest.approx(2 / 5)
-    assert duplicate_rate(["a", "b"], ["same", "same"]) == 1.0
-
-
 def test_cli_end_to_end(base, tmp_path, monkeypatch, capsys):
     for name in ("runs/world", "runs/sft", "runs/rm"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).symlink_to(base / name)
     monkeypatch.chdir(tmp_path)
     main(["fit", "-c", str(CONFIGS / "ppo.yaml"), "--model.init_args.iterations=2", "--model.init_args.rollout_batch=8",
-          "--model.init_args.minibatch_size=4", "--model.init_args.ppo_epochs=1", "--model.init_args.eval_every=2",
+          "--model.init_args.minibatch_size=4", "--model.init_args.ppo_epochs=1", "--model.init_args.eval.every=2",
           "--model.init_args.sampling.max_new_tokens=8", "--data.init_args.eval_prompts=8",
           "--trainer.callbacks.init_args.every_n_train_steps=2", *QUIET])  # fmt: skip
     assert (tmp_path / "runs/ppo/checkpoints/last.ckpt").is_file()
@@ -335,7 +316,7 @@ def test_cli_end_to_end(base, tmp_path, monkeypatch, capsys):
     # Resuming with a changed model setting: LightningCLI resumes with the checkpoint's, and says so.
     capsys.readouterr()
     main(["fit", "-c", str(CONFIGS / "ppo.yaml"), "--model.init_args.iterations=3", "--model.init_args.rollout_batch=8",
-          "--model.init_args.minibatch_size=4", "--model.init_args.ppo_epochs=1", "--model.init_args.eval_every=2",
+          "--model.init_args.minibatch_size=4", "--model.init_args.ppo_epochs=1", "--model.init_args.eval.every=2",
           "--model.init_args.sampling.max_new_tokens=8", "--data.init_args.eval_prompts=8", *QUIET,
           "--ckpt_path=runs/ppo/checkpoints/last.ckpt"])  # fmt: skip
     assert capsys.readouterr().err.endswith("the config's values are ignored: iterations (config 3, checkpoint 2)\n")
@@ -363,7 +344,7 @@ def test_sigkill_mid_run_resumes_to_the_same_end(base, tmp_path):
             f"--model.init_args.reward_checkpoint={base / RM_CKPT}", f"--data.init_args.data_dir={base / 'runs/world'}",
             "--data.init_args.generate_world=false", "--model.init_args.iterations=6",
             "--model.init_args.rollout_batch=8",
-            "--model.init_args.minibatch_size=4", "--model.init_args.ppo_epochs=1", "--model.init_args.eval_every=3",
+            "--model.init_args.minibatch_size=4", "--model.init_args.ppo_epochs=1", "--model.init_args.eval.every=3",
             "--model.init_args.sampling.max_new_tokens=8", "--data.init_args.eval_prompts=8",
             "--trainer.callbacks.init_args.every_n_train_steps=2", *QUIET]  # fmt: skip
 
@@ -428,7 +409,7 @@ def test_ensemble_reward_pays_the_conservative_score(base, tmp_path, monkeypatch
     out = generate(module.policy.eval(), batch["prompt_ids"], batch["prompt_mask"], SamplingConfig(8),
                    module.tokenizer.eos_id, module.tokenizer.pad_id, torch.Generator().manual_seed(0))  # fmt: skip
     with torch.no_grad():
-        paid = module._scores(prompts, [], batch["prompt_ids"], batch["prompt_mask"], out.response_ids,
+        paid, _ = module._scores(prompts, [], batch["prompt_ids"], batch["prompt_mask"], out.response_ids,
                               out.response_mask, out.ended)  # fmt: skip
         scores = module.reward_model.score(*join_left_right(batch["prompt_ids"], batch["prompt_mask"],
                                                             out.response_ids, out.response_mask))  # fmt: skip

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_ppo import grouped
 
 from rlhf_lightning.hf_tiny import make_tiny_hf
 from rlhf_lightning.models.hf import HFCausalLM
 from rlhf_lightning.models.sampling import SamplingConfig, generate
 from rlhf_lightning.models.tinygpt import GPTConfig, TinyGPT
 from rlhf_lightning.modules import PPOModule
+from rlhf_lightning.modules.common import response_token_logprobs
 
 EOS, PAD = 0, 1
 
@@ -33,14 +35,13 @@ def test_scoring_log_probs_equal_the_samplers_on_left_padded_prompts(kind, tmp_p
     ids = torch.cat([prompt_ids, out.response_ids], 1)
     full_mask = torch.cat([mask, out.response_mask], 1)
     with torch.no_grad():
-        logp, _ = PPOModule._response_logprobs(model, ids, full_mask, 6, out.response_ids, out.response_mask, 0.7,
-                                               False)  # fmt: skip
+        logp, _ = response_token_logprobs(model, ids, full_mask, out.response_ids, out.response_mask, 0.7, False)
     torch.testing.assert_close(logp, out.logprobs, rtol=0, atol=1e-5)
 
 
 def ppo(tmp_path, **kwargs) -> PPOModule:
     """A module whose settings are checked (the checkpoints it names do not exist: only errors before that show)."""
-    return PPOModule(sft_checkpoint=str(tmp_path / "sft.ckpt"), reward_source="gold", **kwargs)
+    return PPOModule(sft_checkpoint=str(tmp_path / "sft.ckpt"), reward_source="gold", **grouped(kwargs))
 
 
 @pytest.mark.parametrize(
@@ -55,7 +56,7 @@ def test_sampling_whose_log_probs_ppo_does_not_compute_is_refused(sampling, sett
 @pytest.mark.parametrize("estimator", ["k2", "k3", "full"])
 def test_only_k1_is_accepted_as_the_kl_in_the_reward(estimator, tmp_path):
     # Only k1 has the KL's gradient under the score-function estimator: the others are refused at start-up...
-    with pytest.raises(ValueError, match=f"kl_estimator '{estimator}' in the reward has a biased"):
+    with pytest.raises(ValueError, match=rf"kl\.estimator '{estimator}' in the reward has a biased"):
         ppo(tmp_path, kl_estimator=estimator)
     # ...and are fine as the logged KL, or in the loss (both pass the settings' checks: the missing file stops them).
     for settings in ({"kl_metric": estimator}, {"kl_estimator": estimator, "kl_in_loss": True}):
@@ -64,7 +65,7 @@ def test_only_k1_is_accepted_as_the_kl_in_the_reward(estimator, tmp_path):
 
 
 def test_unknown_kl_metric_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="kl_metric must be one of"):
+    with pytest.raises(ValueError, match=r"kl\.metric must be one of"):
         ppo(tmp_path, kl_metric="k4")
 
 
@@ -78,6 +79,6 @@ def test_value_clip_is_in_units_of_the_scores(tmp_path):
         ({"reward_checkpoint": str(tmp_path / "rm.ckpt")}, 0.2),
     ]  # the reward model's normalised scores
     for kwargs, expected in settings:  # fmt: skip
-        module = PPOModule(sft_checkpoint=str(tmp_path / "sft.ckpt"), value_clip=0.2, **kwargs)
+        module = PPOModule(sft_checkpoint=str(tmp_path / "sft.ckpt"), value_clip=0.2, **grouped(kwargs))
         module.score_moments.update(scores)
         assert module._value_clip == pytest.approx(expected), kwargs

@@ -38,8 +38,8 @@ LORA = LoRAConfig(r=4, alpha=8.0)
 #: The tiny phases of tests/modules/test_sft.py and test_ppo.py (the TinyGPT shape in TINY is ignored: the HF model is
 #: the backbone), PPO as make_module's: 2 iterations of 8 responses of <= 8 tokens.
 PPO_TINY = ["--model.init_args.iterations=2", "--model.init_args.rollout_batch=8", "--model.init_args.minibatch_size=4",
-            "--model.init_args.ppo_epochs=1", "--model.init_args.eval_every=2", "--data.init_args.eval_prompts=8",
-            "--model.init_args.sampling.max_new_tokens=8", "--model.init_args.eval_groups=4", *QUIET]  # fmt: skip
+            "--model.init_args.ppo_epochs=1", "--model.init_args.eval.every=2", "--data.init_args.eval_prompts=8",
+            "--model.init_args.sampling.max_new_tokens=8", "--model.init_args.eval.groups=4", *QUIET]  # fmt: skip
 TINY_PIPELINE_ARGS = [arg for phase, args in (("sft", TINY), ("rm", RM_TINY), ("ppo", PPO_TINY))
                       for arg in (f"--{phase}-args", " ".join(args))]  # fmt: skip
 
