@@ -185,8 +185,8 @@ def _f(x: float) -> str:
 # -- reward hacking ------------------------------------------------------------------------------------------------
 
 _RM_EXPLOITED = "the policy found inputs the reward model over-scores (reward-model exploitation, over-optimisation)"
-_MORE_KL = "a larger or adaptive KL coefficient (kl_controller: adaptive with a kl_target), or fewer iterations"
-_ENSEMBLE = "a conservative ensemble reward (ensemble_size > 1 in the reward phase, ensemble_k > 0 in PPO)"
+_MORE_KL = "a larger or adaptive KL coefficient (kl.controller: adaptive with a kl.target), or fewer iterations"
+_ENSEMBLE = "a conservative ensemble reward (ensemble_size > 1 in the reward phase, rewards.ensemble_k > 0 in PPO)"
 _BETTER_RM = "a better reward model: more or cleaner preference pairs, de-biased annotators"
 
 GOLD_DIVERGENCE = _Spec(
@@ -549,7 +549,7 @@ BETA_AT_BOUND = _Spec(
         "the KL target is out of reach: at kl_max the policy drifts despite the strongest penalty (target too low "
         "or steps too large); at kl_min the KL stays below the target with no penalty at all (target too high)",
     ),
-    ("a reachable kl_target, or wider [kl_min, kl_max]", "a smaller learning rate when beta sits at kl_max"),
+    ("a reachable kl.target, or wider [kl.min_coef, kl.max_coef]", "a smaller learning rate when beta sits at kl.max_coef"),
 )
 
 
@@ -567,8 +567,8 @@ def kl_hparams(hparams: dict) -> dict:
 @_detector(BETA_AT_BOUND)
 def beta_at_bound(h: History, patience: int = 3, rtol: float = 1e-3) -> Finding:
     """Beta at a bound for ``patience`` iterations in a row: the module's own flag ``objective/kl_coef_at_bound``
-    when logged, else ``objective/kl_coef`` within ``rtol`` of hparams' ``kl_min`` or ``kl_max``; only for
-    ``kl_controller: adaptive`` (read from hparams.yaml)."""
+    when logged, else ``objective/kl_coef`` within ``rtol`` of hparams' ``kl.min_coef`` or ``kl.max_coef`` (the flat
+    ``kl_min`` / ``kl_max`` of older runs); only for an adaptive controller (read from hparams.yaml)."""
     flag = h.get("objective/kl_coef_at_bound")
     if flag is not None:
         signal = sustained(flag.values > 0.5, patience)
@@ -597,8 +597,8 @@ def beta_at_bound(h: History, patience: int = 3, rtol: float = 1e-3) -> Finding:
 NO_KL_PENALTY = _Spec(
     "kl_trouble.no_kl_penalty",
     "the KL penalty is off while the KL grows",
-    ("kl_coef 0 (or annealed to 0): the only thing keeping the policy near the SFT policy is gone",),
-    ("a positive kl_coef, or an adaptive controller", "kl_floor > 0 for an annealed controller"),
+    ("kl.coef 0 (or annealed to 0): the only thing keeping the policy near the SFT policy is gone",),
+    ("a positive kl.coef, or an adaptive controller", "kl.floor > 0 for an annealed controller"),
 )
 
 
