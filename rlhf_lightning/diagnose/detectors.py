@@ -544,12 +544,13 @@ def kl_blowup(
 
 BETA_AT_BOUND = _Spec(
     "kl_trouble.beta_at_bound",
-    "the adaptive controller's beta sits at kl_min or kl_max",
+    "the adaptive controller's beta sits at kl.min_coef or kl.max_coef",
     (
-        "the KL target is out of reach: at kl_max the policy drifts despite the strongest penalty (target too low "
-        "or steps too large); at kl_min the KL stays below the target with no penalty at all (target too high)",
+        "the KL target is out of reach: at kl.max_coef the policy drifts despite the strongest penalty (target too "
+        "low or steps too large); at kl.min_coef the KL stays below the target with no penalty at all (target too "
+        "high)",
     ),
-    ("a reachable kl.target, or wider [kl.min_coef, kl.max_coef]", "a smaller learning rate when beta sits at kl.max_coef"),
+    ("a reachable kl.target, or wider [kl.min_coef, kl.max_coef]", "a smaller learning rate when beta sits at the max"),
 )
 
 
