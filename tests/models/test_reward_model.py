@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlhf_lightning.data.collate import join_left_right
 from rlhf_lightning.models.reward import RewardModel, RewardScores
 from rlhf_lightning.models.tinygpt import GPTConfig, TinyGPT
-from rlhf_lightning.modules.reward import join_left_right
 
 CONFIG = GPTConfig(vocab_size=30, n_layer=1, n_head=2, d_model=16, max_seq_len=32)
 
