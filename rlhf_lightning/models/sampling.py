@@ -194,3 +194,25 @@ def sample_prompt_responses(
                        tokenizer.pad_id, gen)  # fmt: skip
     ids, mask = join_left_right(prompts["prompt_ids"], prompts["prompt_mask"], out.response_ids, out.response_mask)
     return ids.cpu(), mask.cpu()
+
+
+@torch.no_grad()
+def sample_responses(
+    policy: nn.Module, sampling: SamplingConfig, eos_id: int, pad_id: int, batches: list[dict[str, torch.Tensor]],
+    seed: int,
+) -> tuple[list[list[int]], list[bool]]:  # fmt: skip
+    """One response per prompt of the collated ``batches`` (``prompt_ids``, ``prompt_mask``: (b, P) each,
+    left-padded), the batches in turn with one private generator seeded with ``seed``: each row's response token ids
+    (with EOS where it ended) and whether it ended. Sampled in eval mode on the policy's device (its mode is
+    restored). A :data:`~rlhf_lightning.data.modules.ResponseSampler` once the first four arguments are bound."""
+    device = next(iter(policy.parameters())).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    responses, ended = [], []
+    with eval_mode(policy):
+        for batch in batches:
+            ids, mask = batch["prompt_ids"].to(device), batch["prompt_mask"].to(device)
+            out = generate(policy, ids, mask, sampling, eos_id, pad_id, gen)
+            rows, masks = out.response_ids.cpu(), out.response_mask.cpu()  # (b, R) each
+            responses += [row[m].tolist() for row, m in zip(rows, masks, strict=True)]
+            ended += out.ended.cpu().tolist()
+    return responses, ended

@@ -19,6 +19,7 @@ model's buffers and so in every checkpoint.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -29,7 +30,7 @@ from rlhf_lightning.metrics.baseline import bag_of_words_baseline
 from rlhf_lightning.models.backbone import load_sft_backbone
 from rlhf_lightning.models.heads import Pooling
 from rlhf_lightning.models.reward import RewardModel
-from rlhf_lightning.models.sampling import SamplingConfig, sample_prompt_responses
+from rlhf_lightning.models.sampling import SamplingConfig, sample_prompt_responses, sample_responses
 from rlhf_lightning.modules.base import PhaseModule
 from rlhf_lightning.modules.common import adamw_with_warmup_cosine, finite_rank_mean, shard_backbone
 
@@ -126,7 +127,9 @@ class RewardModule(PhaseModule):
         self.tokenizer = tokenizer
         dm = self.trainer.datamodule
         if getattr(dm, "pair_source", "grammar") == "sft_policy":
-            dm.sample_policy_pairs(backbone, h.seed)  # before the bootstrap weights are sized by the pairs
+            sampling = dm.pair_sampling or SamplingConfig(max_new_tokens=dm.hparams.max_response_len)
+            sample = partial(sample_responses, backbone, sampling, tokenizer.eos_id, tokenizer.pad_id)
+            dm.sample_policy_pairs(sample, h.seed)  # before the bootstrap weights are sized by the pairs
         self.reward_model = RewardModel(backbone, h.ensemble_size, h.ensemble_mode, h.seed, h.pooling)
         n_train = len(dm.train_examples)
         g = torch.Generator().manual_seed(h.seed)
