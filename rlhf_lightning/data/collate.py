@@ -277,3 +277,15 @@ def join_left_right(
     # A stable sort of ~mask moves real tokens to the front in their order, padding to the back.
     order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
     return ids.gather(1, order), mask.gather(1, order)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each row's last real token, for right-padded sequences (and left-padded ones); -1 for a row
+    without one.
+
+    Args:
+        attention_mask: (B, T) 1 (or True) for real tokens.
+    """
+    t = attention_mask.shape[1]
+    positions = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).amax(-1)

@@ -217,3 +217,10 @@ def tokenizer_meta(tokenizer: Tokenizer) -> dict[str, str | None]:
 def tokenizer_from_meta(meta: dict[str, Any]) -> Tokenizer:
     """The tokenizer of a checkpoint's entries (:func:`tokenizer_meta`)."""
     return Tokenizer.from_json_str(meta["tokenizer"], meta["eos_token"], meta["pad_token"])
+
+
+def check_same_tokenizer(tokenizer: Tokenizer, other: Tokenizer, message: str) -> None:
+    """Raises ValueError(message) unless the two tokenizers are the same by :meth:`Tokenizer.fingerprint`: a model
+    and the text it reads or writes must number the tokens alike."""
+    if tokenizer.fingerprint() != other.fingerprint():
+        raise ValueError(message)

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from rlhf_lightning.checkpoint import RLHF_KEY
-from rlhf_lightning.data.tokenizer import Tokenizer, tokenizer_from_meta, tokenizer_meta
+from rlhf_lightning.data.tokenizer import Tokenizer, check_same_tokenizer, tokenizer_from_meta, tokenizer_meta
 from rlhf_lightning.models.lora import LoRAConfig
 from rlhf_lightning.models.sampling import SamplingConfig
 from rlhf_lightning.models.tinygpt import GPTConfig
@@ -82,8 +82,9 @@ class PhaseModule(L.LightningModule):
         if not self.built:  # loaded outside a Trainer: the checkpoint alone rebuilds everything
             self.tokenizer = saved
             self.build_from_checkpoint(meta)
-        elif saved.fingerprint() != self.tokenizer.fingerprint():
-            raise ValueError(f"the tokenizer of {which} differs from the data module's; resume with the same one")
+        else:
+            message = f"the tokenizer of {which} differs from the data module's; resume with the same one"
+            check_same_tokenizer(saved, self.tokenizer, message)
 
     def on_train_start(self) -> None:
         # Skipped and truncated records are counted by the data module; the logger keeps them with the run.

@@ -26,12 +26,12 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from functools import partial
-from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import nn
 
+from rlhf_lightning.checkpoint import checkpoint_dir
 from rlhf_lightning.models.backbone import backbone_from_spec, backbone_spec
 from rlhf_lightning.models.heads import ValueHead
 from rlhf_lightning.models.lora import AdaptersDisabled, LoRAConfig
@@ -273,8 +273,7 @@ class PPOModule(PhaseModule):
 
     def _fail(self, quantity: str, iteration: int, detail: str = "") -> None:
         """Saves the current state (finite: no step was taken with the bad value) and stops the run loudly."""
-        where = getattr(self.trainer.checkpoint_callback, "dirpath", None) or self.trainer.default_root_dir
-        path = Path(where) / "last-good.ckpt"
+        path = checkpoint_dir(self.trainer) / "last-good.ckpt"
         self.trainer.save_checkpoint(path)
         raise FloatingPointError(
             f"{quantity} is not finite at iteration {iteration}{detail}; stopping. The state before it is saved in "

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from rlhf_lightning.data.tokenizer import Tokenizer
+from rlhf_lightning.data.tokenizer import Tokenizer, check_same_tokenizer
 from rlhf_lightning.models.backbone import disable_dropout, freeze, load_sft_backbone
 from rlhf_lightning.models.heads import ValueHead
 from rlhf_lightning.models.lora import AdaptersDisabled, LoRABackbone, LoRAConfig, require_peft
@@ -114,11 +114,11 @@ def build_models(
     """PPO's models from the checkpoints that ``h`` (PPOModule's hyperparameters) names; ``dm`` is the prompt data
     module and ``tokenizer`` its tokenizer, which must be the checkpoints' own."""
     policy, sft_tokenizer = load_sft_backbone(h.sft_checkpoint)
-    if sft_tokenizer.fingerprint() != tokenizer.fingerprint():
-        raise ValueError(
-            f"the data module's tokenizer differs from the one of {h.sft_checkpoint}; point data.tokenizer_path "
-            "at the SFT checkpoint's folder"
-        )
+    check_same_tokenizer(
+        sft_tokenizer, tokenizer,
+        f"the data module's tokenizer differs from the one of {h.sft_checkpoint}; point data.tokenizer_path at the "
+        "SFT checkpoint's folder",
+    )  # fmt: skip
     budget = dm.hparams.max_prompt_len + sampling.max_new_tokens
     max_len = getattr(getattr(policy, "config", None), "max_seq_len", None)
     if max_len is not None and budget > max_len:
@@ -130,11 +130,11 @@ def build_models(
     trunk, reward_model, score_fn = policy, None, None
     if h.reward_source == "model":
         reward_model, rm_tokenizer = load_reward_model(h.reward_checkpoint)
-        if rm_tokenizer.fingerprint() != tokenizer.fingerprint():
-            raise ValueError(
-                f"the tokenizers of {h.sft_checkpoint} and {h.reward_checkpoint} differ: the reward model must "
-                "read text exactly as the policy writes it"
-            )
+        check_same_tokenizer(
+            rm_tokenizer, tokenizer,
+            f"the tokenizers of {h.sft_checkpoint} and {h.reward_checkpoint} differ: the reward model must read text "
+            "exactly as the policy writes it",
+        )  # fmt: skip
         if rewards.norm_samples:
             # The SFT policy, before any adapter or training: what the first rollout samples from.
             batch = sample_prompt_responses(policy, dm, tokenizer, rewards.norm_samples, sampling, h.seed)

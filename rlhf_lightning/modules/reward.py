@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 import rlhf_kernels
+from rlhf_lightning.data.tokenizer import check_same_tokenizer
 from rlhf_lightning.metrics import expected_calibration_error, order_agreement, pairwise_accuracy, pearson
 from rlhf_lightning.metrics.baseline import bag_of_words_baseline
 from rlhf_lightning.models.backbone import load_sft_backbone
@@ -119,11 +120,11 @@ class RewardModule(PhaseModule):
         h = self.hparams
         backbone, sft_tokenizer = load_sft_backbone(h.sft_checkpoint)
         tokenizer = self.datamodule_tokenizer()
-        if sft_tokenizer.fingerprint() != tokenizer.fingerprint():
-            raise ValueError(
-                f"the data module's tokenizer differs from the one of {h.sft_checkpoint}; the reward model must read "
-                "text exactly as the policy does (point data.tokenizer_path at the SFT checkpoint's folder)"
-            )
+        check_same_tokenizer(
+            sft_tokenizer, tokenizer,
+            f"the data module's tokenizer differs from the one of {h.sft_checkpoint}; the reward model must read "
+            "text exactly as the policy does (point data.tokenizer_path at the SFT checkpoint's folder)",
+        )  # fmt: skip
         self.tokenizer = tokenizer
         dm = self.trainer.datamodule
         if getattr(dm, "pair_source", "grammar") == "sft_policy":

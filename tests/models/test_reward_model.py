@@ -222,7 +222,8 @@ def test_join_left_right_feeds_the_reward_model_like_an_unpadded_sequence():
 def test_normalised_mean_head_scores_like_the_ensemble_mean():
     """PPO's critic head starts from it: on the last real token it gives the ensemble's mean normalised score
     (heads mode), member 0's with its own trunk (backbones mode), and a single model's head exactly."""
-    from rlhf_lightning.models.heads import ValueHead, last_token_index
+    from rlhf_lightning.data.collate import last_token_index
+    from rlhf_lightning.models.heads import ValueHead
 
     ids, mask = batch()
     rows = torch.arange(ids.shape[0])
