@@ -173,13 +173,14 @@ def sample_eval(
 
 
 def eval_metrics(samples: EvalSamples, prefix: str = "eval") -> dict[str, float]:
-    """Scalar summaries of a set of samples: gold reward, well-formedness, EOS rate, length, distinct-1/2."""
+    """Scalar summaries of a set of samples: gold reward, well-formedness, EOS rate, length, distinct-1/2 of the
+    decoded words (``distinct_n_words``: PPO's ``eval/distinct_2`` counts token ids, a different figure)."""
     words = [r.split() for r in samples.responses]
     metrics = {
         f"{prefix}/eos_rate": samples.ended.float().mean().item(),
         f"{prefix}/length_mean": samples.lengths.float().mean().item(),
-        f"{prefix}/distinct_1": distinct_n(words, 1),
-        f"{prefix}/distinct_2": distinct_n(words, 2),
+        f"{prefix}/distinct_1_words": distinct_n(words, 1),
+        f"{prefix}/distinct_2_words": distinct_n(words, 2),
     }
     if samples.gold is not None:
         metrics[f"{prefix}/gold_reward"] = samples.gold.mean().item()
