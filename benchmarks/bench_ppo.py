@@ -76,7 +76,7 @@ def main() -> None:
     from rlhf_lightning.data import PromptDataModule
     from rlhf_lightning.models.sampling import SamplingConfig
     from rlhf_lightning.modules import PPOModule
-    from rlhf_lightning.modules.ppo import EvalConfig
+    from rlhf_lightning.modules.ppo_eval import EvalConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

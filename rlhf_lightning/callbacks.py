@@ -22,6 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from rlhf_lightning.checkpoint import checkpoint_dir
 from rlhf_lightning.diagnose.detectors import DETECTORS, FAMILIES, Finding, run_detectors
 from rlhf_lightning.diagnose.history import History
 
@@ -151,8 +152,7 @@ class RLHFDiagnostics(pl.Callback):
     def _best_ckpt_path(self, trainer: pl.Trainer) -> Path:
         if self.best_path:
             return Path(self.best_path)
-        folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
-        return Path(folder) / "best.ckpt"
+        return checkpoint_dir(trainer) / "best.ckpt"
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -78,3 +78,8 @@ def load_checkpoint(path: str | os.PathLike, phase: str | None = None) -> dict[s
     if phase is not None and found != phase:
         raise ValueError(f"checkpoint {path} is from the {found!r} phase, but a {phase!r} checkpoint is needed here")
     return ckpt
+
+
+def checkpoint_dir(trainer: Any) -> Path:
+    """Where a run's own checkpoints go: the ModelCheckpoint's folder, else the trainer's ``default_root_dir``."""
+    return Path(getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir)

@@ -133,7 +133,7 @@ def seed_args(seed: int | None, world_seed: int | None = None) -> dict[str, list
     if seed is None:
         return {phase: [] for phase in PHASES}
     from rlhf_lightning.modules import SFTModule
-    from rlhf_lightning.modules.ppo import EvalConfig
+    from rlhf_lightning.modules.ppo_eval import EvalConfig
 
     sft_eval_seed = inspect.signature(SFTModule).parameters["eval_seed"].default
 

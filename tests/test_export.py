@@ -11,13 +11,13 @@ import torch
 from rlhf_lightning.checkpoint import RLHF_KEY
 from rlhf_lightning.cli import main
 from rlhf_lightning.data import Tokenizer
+from rlhf_lightning.data.tokenizer import tokenizer_meta
 from rlhf_lightning.export import export_checkpoint
 from rlhf_lightning.models.backbone import backbone_spec
 from rlhf_lightning.models.hf import HFCausalLM
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.models.sampling import SamplingConfig, generate
 from rlhf_lightning.models.tinygpt import GPTConfig, TinyGPT
-from rlhf_lightning.modules.base import tokenizer_meta
 
 TEXTS = ["the phone is good .", "a bad case , really bad", "great battery and a great screen"]
 ATOL = 1e-5

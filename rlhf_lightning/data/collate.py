@@ -258,3 +258,34 @@ def pad_sequences(seqs: Sequence[list[int]], pad_id: int, left: bool) -> tuple[t
     pos = torch.arange(width)  # (T,)
     mask = pos >= width - lengths[:, None] if left else pos < lengths[:, None]  # (N, T)
     return torch.tensor(rows, dtype=torch.long), mask
+
+
+def join_left_right(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts + right-padded responses -> right-padded prompt + response sequences.
+
+    Args:
+        prompt_ids, prompt_mask: (B, P) left-padded.
+        response_ids, response_mask: (B, R) right-padded (generated).
+
+    Returns:
+        ids, mask: (B, P + R) with each row's real tokens first.
+    """
+    ids = torch.cat([prompt_ids, response_ids], 1)  # (B, P + R)
+    mask = torch.cat([prompt_mask.bool(), response_mask.bool()], 1)
+    # A stable sort of ~mask moves real tokens to the front in their order, padding to the back.
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    return ids.gather(1, order), mask.gather(1, order)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each row's last real token, for right-padded sequences (and left-padded ones); -1 for a row
+    without one.
+
+    Args:
+        attention_mask: (B, T) 1 (or True) for real tokens.
+    """
+    t = attention_mask.shape[1]
+    positions = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).amax(-1)

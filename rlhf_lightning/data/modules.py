@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import lightning as L
 import numpy as np
@@ -34,10 +35,17 @@ from rlhf_lightning.data.collate import (
 )
 from rlhf_lightning.data.jsonl import JsonlData, read_jsonl
 from rlhf_lightning.data.tokenizer import TOKENIZER_FILE, Tokenizer
-from rlhf_lightning.models.sampling import PolicyBackbone, SamplingConfig, generate
 from rlhf_lightning.world import WORDS, Annotators, GoldJudge, JudgeConfig, WorldConfig, write_world
 from rlhf_lightning.world.annotators import Ended
 from rlhf_lightning.world.writer import META_FILE as WORLD_META
+
+if TYPE_CHECKING:  # the type of ``pair_sampling`` only (LightningCLI reads it): data/ never runs models/' code
+    from rlhf_lightning.models.sampling import SamplingConfig
+
+#: ``pair_source="sft_policy"``'s sampler: collated prompt batches (``prompt_ids``, ``prompt_mask``: (b, P) each,
+#: left-padded) and a seed -> each row's response token ids (with EOS where it ended) and whether it ended. The
+#: reward phase binds :func:`rlhf_lightning.models.sampling.sample_responses` to its SFT backbone.
+ResponseSampler = Callable[[list[dict[str, torch.Tensor]], int], tuple[list[list[int]], list[bool]]]
 
 #: The default longest JSONL line, in bytes (see ``max_line_bytes`` of :class:`RLHFDataModule`).
 MAX_LINE_BYTES = 1 << 20
@@ -282,9 +290,9 @@ class PreferenceDataModule(_SplitDataModule):
     Args:
         train_file, val_file: JSONL files; default ``data_dir/prefs_{train,val}.jsonl``.
         pair_source: "grammar" or "sft_policy" (above).
-        pair_sampling: how the policy's responses are sampled; default temperature 1 and at most
-            ``max_response_len`` new tokens (a response that reaches it has no EOS, like a truncated one, and the
-            annotators and the gold judge see it unended).
+        pair_sampling: how the policy's responses are sampled (read by the sampler's maker, the reward phase);
+            default (None) temperature 1 and at most ``max_response_len`` new tokens (a response that reaches it has
+            no EOS, like a truncated one, and the annotators and the gold judge see it unended).
         (the rest: see :class:`RLHFDataModule`)
     """
 
@@ -301,7 +309,7 @@ class PreferenceDataModule(_SplitDataModule):
         if pair_source not in ("grammar", "sft_policy"):
             raise ValueError(f"pair_source must be 'grammar' or 'sft_policy', got {pair_source!r}")
         self.pair_source = pair_source
-        self.pair_sampling = pair_sampling or SamplingConfig(max_new_tokens=self.hparams.max_response_len)
+        self.pair_sampling = pair_sampling
         self.val_gold: tuple[torch.Tensor, torch.Tensor] | None = None  # (B_val,) gold of chosen, of rejected
         self.bayes_accuracy: float | None = None
         self._split_prompts: dict[str, list[str]] = {}
@@ -327,18 +335,17 @@ class PreferenceDataModule(_SplitDataModule):
         annotators = Annotators(self.world.annotators, self.judge)
         self.bayes_accuracy = annotators.bayes_accuracy(prompts, chosen, rejected, ended)
 
-    @torch.no_grad()
-    def sample_policy_pairs(self, policy: PolicyBackbone, seed: int) -> None:
+    def sample_policy_pairs(self, sample: ResponseSampler, seed: int) -> None:
         """``pair_source="sft_policy"``: replaces the pairs of both splits with pairs the policy samples.
 
-        For each record of a split, two responses to its prompt are sampled (``pair_sampling``; noise from a private
-        generator seeded from ``seed`` and the split) and labelled by the world's annotators (labels from a numpy
-        generator seeded likewise), so the same policy and seed give the same pairs; each split keeps its number of
-        pairs. The sampled tokens become the examples as they are (EOS where the response ended), with no text round
-        trip. Calling it again with the same seed changes nothing.
+        For each record of a split, two responses to its prompt are sampled (``sample``, with the seed
+        ``2 * seed + split``: its noise comes from a private generator seeded with it) and labelled by the world's
+        annotators (labels from a numpy generator seeded likewise), so the same policy and seed give the same pairs;
+        each split keeps its number of pairs. The sampled tokens become the examples as they are (EOS where the response
+        ended), with no text round trip. Calling it again with the same seed changes nothing.
 
         Args:
-            policy: the SFT backbone (sampled in eval mode on its device; its mode is restored).
+            sample: draws the responses (see :data:`ResponseSampler`).
             seed: seed of the sampling noise and of the labels.
         """
         if self._policy_pairs_seed == seed:
@@ -351,13 +358,10 @@ class PreferenceDataModule(_SplitDataModule):
         if not self._split_prompts:
             raise RuntimeError("sample_policy_pairs needs the data module set up first (setup('fit'))")
         annotators = Annotators(self.world.annotators, self.judge)
-        device = next(iter(policy.parameters())).device
-        was_training = policy.training
-        policy.eval()
         for k, split in enumerate(("train", "val")):
             prompts = self._split_prompts[split]
-            gen = torch.Generator(device=device).manual_seed(2 * seed + k)
-            prompt_ids, responses, ended = self._sample_responses(policy, [p for p in prompts for _ in (0, 1)], gen)
+            prompt_ids, responses, ended = self._sample_responses(sample, [p for p in prompts for _ in (0, 1)],
+                                                                  2 * seed + k)  # fmt: skip
             texts = self.tokenizer.decode_batch(responses)
             # Pair i is (response 2i, response 2i + 1); its label orders them as (chosen, rejected).
             a_preferred, _ = annotators.label(
@@ -371,22 +375,16 @@ class PreferenceDataModule(_SplitDataModule):
                 chosen, rejected = [c for c, _ in order], [r for _, r in order]
                 self._set_val_references(prompts, [texts[i] for i in chosen], [texts[i] for i in rejected],
                                          ([ended[i] for i in chosen], [ended[i] for i in rejected]))  # fmt: skip
-        policy.train(was_training)
         self._policy_pairs_seed = seed
 
     def _sample_responses(
-        self, policy: PolicyBackbone, prompts: list[str], gen: torch.Generator, chunk: int = 256
+        self, sample: ResponseSampler, prompts: list[str], seed: int, chunk: int = 256
     ) -> tuple[list[list[int]], list[list[int]], list[bool]]:
         """(prompt token ids, response token ids with EOS where it ended, ended) of one sample per prompt."""
         examples = tokenize_prompts([{"prompt": p} for p in prompts], self.tokenizer, self.hparams.max_prompt_len)[0]
-        responses, ended = [], []
-        for lo in range(0, len(examples), chunk):
-            batch = collate_prompts(examples[lo : lo + chunk], self.tokenizer.pad_id)
-            ids, mask = batch["prompt_ids"].to(gen.device), batch["prompt_mask"].to(gen.device)
-            out = generate(policy, ids, mask, self.pair_sampling, self.tokenizer.eos_id, self.tokenizer.pad_id, gen)
-            rows, masks = out.response_ids.cpu(), out.response_mask.cpu()  # (b, R) each
-            responses += [row[m].tolist() for row, m in zip(rows, masks, strict=True)]
-            ended += out.ended.cpu().tolist()
+        batches = [collate_prompts(examples[lo : lo + chunk], self.tokenizer.pad_id)
+                   for lo in range(0, len(examples), chunk)]  # fmt: skip
+        responses, ended = sample(batches, seed)
         return [e.prompt_ids for e in examples], responses, ended
 
     def _check_pairs_ready(self) -> None:

@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 from tokenizers import models, pre_tokenizers, trainers
@@ -206,3 +207,20 @@ def _read_specials(file: Path) -> dict[str, str]:
         if isinstance(value, str) and value:
             specials[key] = value
     return specials
+
+
+def tokenizer_meta(tokenizer: Tokenizer) -> dict[str, str | None]:
+    """The tokenizer as checkpoint entries (its JSON and special tokens)."""
+    return {"tokenizer": tokenizer.to_json_str(), "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+
+
+def tokenizer_from_meta(meta: dict[str, Any]) -> Tokenizer:
+    """The tokenizer of a checkpoint's entries (:func:`tokenizer_meta`)."""
+    return Tokenizer.from_json_str(meta["tokenizer"], meta["eos_token"], meta["pad_token"])
+
+
+def check_same_tokenizer(tokenizer: Tokenizer, other: Tokenizer, message: str) -> None:
+    """Raises ValueError(message) unless the two tokenizers are the same by :meth:`Tokenizer.fingerprint`: a model
+    and the text it reads or writes must number the tokens alike."""
+    if tokenizer.fingerprint() != other.fingerprint():
+        raise ValueError(message)

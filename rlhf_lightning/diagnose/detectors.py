@@ -206,10 +206,8 @@ def gold_divergence(
     Fires where, over the trailing ``window`` points, the proxy's slope has t > ``t_min`` and the gold's t <
     ``-t_min``; or where the gold (trailing mean of ``smooth`` points) has lost at least ``drop_frac`` of its gain
     from the start to its peak while the proxy is higher than at the gold's peak (and both trends still point that
-    way). Uses the rollout's gold and proxy (per iteration), else the evaluation's. The slope test is strict (20
-    points, |t| > 3) and the peak test needs half the gain lost on a 10-point mean, because a rollout's mean gold over
-    64 responses is noisy: with 10 points and |t| > 2, or a quarter of the gain on 5 points, it fired on healthy
-    default runs whose gold then kept rising (a dip of 0.29 below a peak of 2.19, then 2.3 at the end).
+    way). Uses the rollout's gold and proxy (per iteration), else the evaluation's. Both tests are strict because a
+    rollout's mean gold is noisy (docs/failure_modes.md, "Why these defaults").
     """
     for proxy_tag, gold_tag in (
         ("objective/proxy_reward", "objective/gold_reward"),
@@ -400,9 +398,8 @@ PER_INPUT_DIVERSITY = _Spec(
 def per_input_diversity(h: History, frac: float = 0.4, smooth: int = 1) -> Finding:
     """Per-input diversity below ``frac`` of the SFT policy's: ``diversity/per_input_distinct_2`` against
     ``eval/sft_per_input_distinct_2``, or 1 - ``diversity/per_input_self_bleu`` against the SFT's (each against its
-    first evaluation when the SFT value is not logged). Evaluations are sparse, hence ``smooth=1``. A healthy default
-    run on the world ends near 0.5 of the SFT's per-input diversity (PPO makes the policy surer), so the default
-    threshold sits below that, at 0.4."""
+    first evaluation when the SFT value is not logged). Evaluations are sparse, hence ``smooth=1``. ``frac`` sits
+    below where a healthy run ends (PPO makes the policy surer; docs/failure_modes.md, "Why these defaults")."""
     return _drop(
         PER_INPUT_DIVERSITY,
         h,
@@ -523,8 +520,7 @@ def kl_blowup(
 ) -> Finding:
     """``objective/kl`` (trailing mean of ``smooth`` points) above ``bound`` nats, or above ``floor`` and ``growth``
     times what it was ``window`` points earlier (exploding growth) when that earlier level was at least ``min_base``
-    nats: every run starts at KL 0 and a healthy one climbs a few nats fast, which is not a blow-up (the default
-    run on the world went from 0.5 to 5 nats in its first 12 iterations and then settled near 13)."""
+    nats: every run starts at KL 0 and a healthy one climbs a few nats fast, which is not a blow-up."""
     s = h.get("objective/kl")
     if s is None:
         return not_evaluated(KL_BLOWUP, _needs("objective/kl"))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
+from rlhf_lightning.checkpoint import RLHF_KEY, load_checkpoint
+from rlhf_lightning.data.tokenizer import Tokenizer, tokenizer_from_meta
 from rlhf_lightning.models.hf import HFCausalLM
 from rlhf_lightning.models.lora import LoRABackbone, LoRAConfig
 from rlhf_lightning.models.tinygpt import GPTConfig, TinyGPT
@@ -90,3 +92,12 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+
+
+def load_sft_backbone(path: str | Path) -> tuple[nn.Module, Tokenizer]:
+    """(backbone with the SFT weights, its tokenizer) from an SFT checkpoint."""
+    ckpt = load_checkpoint(path, phase="sft")
+    meta = ckpt[RLHF_KEY]
+    backbone = backbone_from_spec(meta["backbone"])
+    backbone.load_state_dict({k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    return backbone, tokenizer_from_meta(meta)

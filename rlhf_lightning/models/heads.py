@@ -7,19 +7,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from rlhf_lightning.data.collate import last_token_index
+
 #: How a reward head reads a sequence: the hidden state of its last real token, or the mean over its real tokens.
 Pooling = Literal["last", "mean"]
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of each row's last real token, for right-padded sequences (and left-padded ones).
-
-    Args:
-        attention_mask: (B, T) 1 for real tokens; each row needs at least one.
-    """
-    t = attention_mask.shape[1]
-    positions = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
-    return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).amax(-1)
 
 
 class ScalarHead(nn.Module):

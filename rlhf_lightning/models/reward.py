@@ -18,6 +18,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from rlhf_lightning.checkpoint import RLHF_KEY, load_checkpoint
+from rlhf_lightning.data.tokenizer import Tokenizer, tokenizer_from_meta
 from rlhf_lightning.models.backbone import backbone_from_spec, backbone_spec
 from rlhf_lightning.models.heads import Pooling, ScalarHead
 
@@ -134,11 +136,8 @@ class RewardModel(nn.Module):
                    pooling=spec.get("pooling", "last"))  # fmt: skip
 
 
-def load_reward_model(path: str | Path):
+def load_reward_model(path: str | Path) -> tuple[RewardModel, Tokenizer]:
     """(RewardModel in eval mode, Tokenizer) from a reward-phase checkpoint."""
-    from rlhf_lightning.checkpoint import RLHF_KEY, load_checkpoint
-    from rlhf_lightning.modules.base import tokenizer_from_meta
-
     ckpt = load_checkpoint(path, phase="reward")
     meta = ckpt[RLHF_KEY]
     model = RewardModel.from_spec(meta["reward_model"])

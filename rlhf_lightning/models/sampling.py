@@ -18,12 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
 
 import rlhf_kernels
+from rlhf_lightning.data.collate import join_left_right
+from rlhf_lightning.data.tokenizer import Tokenizer
 from rlhf_lightning.models.tinygpt import positions_from_mask
 
 
@@ -174,3 +176,43 @@ def generate(
     response_ids = torch.stack(tokens, 1)
     ended = (response_ids == eos_id).any(-1)
     return Generation(response_ids, response_mask, torch.stack(logps, 1), ended)
+
+
+@torch.no_grad()
+def sample_prompt_responses(
+    policy: nn.Module, dm: Any, tokenizer: Tokenizer, n: int, sampling: SamplingConfig, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded prompt + response batches (n, T) of ``policy``'s responses to n training prompts: the prompts
+    drawn by ``dm.train_prompt_batch(n, seed)``, the sampling noise from a private generator seeded with ``seed`` (the
+    same policy, prompts and seed give the same batch). Sampled in eval mode on the policy's device (where
+    configure_model built it: CUDA on a GPU); the mode is restored; the batch is returned on the CPU."""
+    device = next(iter(policy.parameters())).device
+    prompts = {k: v.to(device) for k, v in dm.train_prompt_batch(n, seed).items()}
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with eval_mode(policy):
+        out = generate(policy, prompts["prompt_ids"], prompts["prompt_mask"], sampling, tokenizer.eos_id,
+                       tokenizer.pad_id, gen)  # fmt: skip
+    ids, mask = join_left_right(prompts["prompt_ids"], prompts["prompt_mask"], out.response_ids, out.response_mask)
+    return ids.cpu(), mask.cpu()
+
+
+@torch.no_grad()
+def sample_responses(
+    policy: nn.Module, sampling: SamplingConfig, eos_id: int, pad_id: int, batches: list[dict[str, torch.Tensor]],
+    seed: int,
+) -> tuple[list[list[int]], list[bool]]:  # fmt: skip
+    """One response per prompt of the collated ``batches`` (``prompt_ids``, ``prompt_mask``: (b, P) each,
+    left-padded), the batches in turn with one private generator seeded with ``seed``: each row's response token ids
+    (with EOS where it ended) and whether it ended. Sampled in eval mode on the policy's device (its mode is
+    restored). A :data:`~rlhf_lightning.data.modules.ResponseSampler` once the first four arguments are bound."""
+    device = next(iter(policy.parameters())).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    responses, ended = [], []
+    with eval_mode(policy):
+        for batch in batches:
+            ids, mask = batch["prompt_ids"].to(device), batch["prompt_mask"].to(device)
+            out = generate(policy, ids, mask, sampling, eos_id, pad_id, gen)
+            rows, masks = out.response_ids.cpu(), out.response_mask.cpu()  # (b, R) each
+            responses += [row[m].tolist() for row, m in zip(rows, masks, strict=True)]
+            ended += out.ended.cpu().tolist()
+    return responses, ended

@@ -3,13 +3,13 @@ module, a self-contained checkpoint (phase, tokenizer, model specs), and the run
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 
 from rlhf_lightning.checkpoint import RLHF_KEY
-from rlhf_lightning.data.tokenizer import Tokenizer
+from rlhf_lightning.data.tokenizer import Tokenizer, check_same_tokenizer, tokenizer_from_meta, tokenizer_meta
 from rlhf_lightning.models.lora import LoRAConfig
 from rlhf_lightning.models.sampling import SamplingConfig
 from rlhf_lightning.models.tinygpt import GPTConfig
@@ -23,20 +23,13 @@ torch.serialization.add_safe_globals(
 )
 
 
-def tokenizer_meta(tokenizer: Tokenizer) -> dict[str, str | None]:
-    """The tokenizer as checkpoint entries (its JSON and special tokens)."""
-    return {"tokenizer": tokenizer.to_json_str(), "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
-
-
-def tokenizer_from_meta(meta: dict[str, Any]) -> Tokenizer:
-    return Tokenizer.from_json_str(meta["tokenizer"], meta["eos_token"], meta["pad_token"])
-
-
 class PhaseModule(L.LightningModule):
     """Base of the phase modules. Subclasses set ``PHASE``, build their models in ``configure_model`` (inside a
     Trainer) and in ``build_from_checkpoint`` (when loaded on their own), and add entries with ``checkpoint_meta``."""
 
     PHASE = ""
+    #: State-dict prefixes of frozen models that checkpoints leave out (they are reloaded from their own checkpoints).
+    FROZEN_PREFIXES: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -62,6 +55,18 @@ class PhaseModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[RLHF_KEY] = {"phase": self.PHASE, **tokenizer_meta(self.tokenizer), **self.checkpoint_meta()}
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(self.FROZEN_PREFIXES)]:
+            del state[key]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # A checkpoint without the frozen models: they keep the weights they were built with.
+        if self.FROZEN_PREFIXES:
+            state_dict = dict(state_dict)
+            for key, value in super().state_dict().items():
+                if key.startswith(self.FROZEN_PREFIXES):
+                    state_dict.setdefault(key, value)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(RLHF_KEY) or {}
@@ -77,8 +82,9 @@ class PhaseModule(L.LightningModule):
         if not self.built:  # loaded outside a Trainer: the checkpoint alone rebuilds everything
             self.tokenizer = saved
             self.build_from_checkpoint(meta)
-        elif saved.fingerprint() != self.tokenizer.fingerprint():
-            raise ValueError(f"the tokenizer of {which} differs from the data module's; resume with the same one")
+        else:
+            message = f"the tokenizer of {which} differs from the data module's; resume with the same one"
+            check_same_tokenizer(saved, self.tokenizer, message)
 
     def on_train_start(self) -> None:
         # Skipped and truncated records are counted by the data module; the logger keeps them with the run.

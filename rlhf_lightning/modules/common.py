@@ -79,6 +79,21 @@ def on_every_rank(module: L.LightningModule, flag: bool) -> bool:
     return bool(agreed)
 
 
+def mean_over_ranks(module: L.LightningModule, values: dict[str, float]) -> dict[str, float]:
+    """Each value's mean over the ranks, in one all-reduce (the values themselves in a single process): PPO's
+    iteration metrics.
+
+    Under DDP the logger writes on rank 0 only, and a rollout's statistics are one rank's share: the mean over
+    the ranks' equal-sized rollouts is the statistic of the whole batch for means (rewards, lengths, losses) and
+    the mean of the ranks' values for the others (diversity, correlations). Every rank gets the same numbers,
+    so the online detectors agree too. The keys depend on the configuration only, never on the data, so every
+    rank sends the same vector.
+    """
+    keys = list(values)
+    local = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=module.device)
+    return dict(zip(keys, module.trainer.strategy.reduce(local, reduce_op="mean").tolist(), strict=True))
+
+
 def finite_rank_mean(module: L.LightningModule, loss: torch.Tensor, name: str) -> torch.Tensor:
     """The loss's mean over the ranks, to log (the loss itself, detached, in one process), in one all-reduce that
     also serves the check: NaN and inf carry through the mean, so every rank raises FloatingPointError together when
@@ -158,13 +173,14 @@ def sample_eval(
 
 
 def eval_metrics(samples: EvalSamples, prefix: str = "eval") -> dict[str, float]:
-    """Scalar summaries of a set of samples: gold reward, well-formedness, EOS rate, length, distinct-1/2."""
+    """Scalar summaries of a set of samples: gold reward, well-formedness, EOS rate, length, distinct-1/2 of the
+    decoded words (``distinct_n_words``: PPO's ``eval/distinct_2`` counts token ids, a different figure)."""
     words = [r.split() for r in samples.responses]
     metrics = {
         f"{prefix}/eos_rate": samples.ended.float().mean().item(),
         f"{prefix}/length_mean": samples.lengths.float().mean().item(),
-        f"{prefix}/distinct_1": distinct_n(words, 1),
-        f"{prefix}/distinct_2": distinct_n(words, 2),
+        f"{prefix}/distinct_1_words": distinct_n(words, 1),
+        f"{prefix}/distinct_2_words": distinct_n(words, 2),
     }
     if samples.gold is not None:
         metrics[f"{prefix}/gold_reward"] = samples.gold.mean().item()

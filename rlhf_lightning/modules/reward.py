@@ -19,29 +19,21 @@ model's buffers and so in every checkpoint.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Literal
 
 import torch
 
 import rlhf_kernels
-from rlhf_lightning.checkpoint import RLHF_KEY, load_checkpoint
+from rlhf_lightning.data.tokenizer import check_same_tokenizer
 from rlhf_lightning.metrics import expected_calibration_error, order_agreement, pairwise_accuracy, pearson
 from rlhf_lightning.metrics.baseline import bag_of_words_baseline
-from rlhf_lightning.models.backbone import backbone_from_spec
+from rlhf_lightning.models.backbone import load_sft_backbone
 from rlhf_lightning.models.heads import Pooling
 from rlhf_lightning.models.reward import RewardModel
-from rlhf_lightning.models.sampling import SamplingConfig, generate
-from rlhf_lightning.modules.base import PhaseModule, tokenizer_from_meta
+from rlhf_lightning.models.sampling import SamplingConfig, sample_prompt_responses, sample_responses
+from rlhf_lightning.modules.base import PhaseModule
 from rlhf_lightning.modules.common import adamw_with_warmup_cosine, finite_rank_mean, shard_backbone
-
-
-def load_sft_backbone(path: str):
-    """(backbone with the SFT weights, its tokenizer) from an SFT checkpoint."""
-    ckpt = load_checkpoint(path, phase="sft")
-    meta = ckpt[RLHF_KEY]
-    backbone = backbone_from_spec(meta["backbone"])
-    backbone.load_state_dict({k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
-    return backbone, tokenizer_from_meta(meta)
 
 
 def pair_scores(model: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,15 +120,17 @@ class RewardModule(PhaseModule):
         h = self.hparams
         backbone, sft_tokenizer = load_sft_backbone(h.sft_checkpoint)
         tokenizer = self.datamodule_tokenizer()
-        if sft_tokenizer.fingerprint() != tokenizer.fingerprint():
-            raise ValueError(
-                f"the data module's tokenizer differs from the one of {h.sft_checkpoint}; the reward model must read "
-                "text exactly as the policy does (point data.tokenizer_path at the SFT checkpoint's folder)"
-            )
+        check_same_tokenizer(
+            sft_tokenizer, tokenizer,
+            f"the data module's tokenizer differs from the one of {h.sft_checkpoint}; the reward model must read "
+            "text exactly as the policy does (point data.tokenizer_path at the SFT checkpoint's folder)",
+        )  # fmt: skip
         self.tokenizer = tokenizer
         dm = self.trainer.datamodule
         if getattr(dm, "pair_source", "grammar") == "sft_policy":
-            dm.sample_policy_pairs(backbone, h.seed)  # before the bootstrap weights are sized by the pairs
+            sampling = dm.pair_sampling or SamplingConfig(max_new_tokens=dm.hparams.max_response_len)
+            sample = partial(sample_responses, backbone, sampling, tokenizer.eos_id, tokenizer.pad_id)
+            dm.sample_policy_pairs(sample, h.seed)  # before the bootstrap weights are sized by the pairs
         self.reward_model = RewardModel(backbone, h.ensemble_size, h.ensemble_mode, h.seed, h.pooling)
         n_train = len(dm.train_examples)
         g = torch.Generator().manual_seed(h.seed)
@@ -270,42 +264,3 @@ class RewardModule(PhaseModule):
             self.reward_model, h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps,
             self.trainer.estimated_stepping_batches, h.min_lr_ratio,
         )  # fmt: skip
-
-
-@torch.no_grad()
-def sample_prompt_responses(
-    policy: torch.nn.Module, dm: Any, tokenizer: Any, n: int, sampling: SamplingConfig, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded prompt + response batches (n, T) of ``policy``'s responses to n training prompts: the prompts
-    drawn by ``dm.train_prompt_batch(n, seed)``, the sampling noise from a private generator seeded with ``seed`` (the
-    same policy, prompts and seed give the same batch). Sampled in eval mode on the policy's device (where
-    configure_model built it: CUDA on a GPU); the mode is restored; the batch is returned on the CPU."""
-    device = next(iter(policy.parameters())).device
-    prompts = {k: v.to(device) for k, v in dm.train_prompt_batch(n, seed).items()}
-    gen = torch.Generator(device=device).manual_seed(seed)
-    was_training = policy.training
-    policy.eval()
-    out = generate(policy, prompts["prompt_ids"], prompts["prompt_mask"], sampling, tokenizer.eos_id,
-                   tokenizer.pad_id, gen)  # fmt: skip
-    policy.train(was_training)
-    ids, mask = join_left_right(prompts["prompt_ids"], prompts["prompt_mask"], out.response_ids, out.response_mask)
-    return ids.cpu(), mask.cpu()
-
-
-def join_left_right(
-    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompts + right-padded responses -> right-padded prompt + response sequences.
-
-    Args:
-        prompt_ids, prompt_mask: (B, P) left-padded.
-        response_ids, response_mask: (B, R) right-padded (generated).
-
-    Returns:
-        ids, mask: (B, P + R) with each row's real tokens first.
-    """
-    ids = torch.cat([prompt_ids, response_ids], 1)  # (B, P + R)
-    mask = torch.cat([prompt_mask.bool(), response_mask.bool()], 1)
-    # A stable sort of ~mask moves real tokens to the front in their order, padding to the back.
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
-    return ids.gather(1, order), mask.gather(1, order)

@@ -20,7 +20,6 @@ from rlhf_lightning.rl.rewards import (
     RewardConfig,
     RunningMoments,
     ShapedRewards,
-    last_real_index,
     remove_length_trend,
     shape_rewards,
 )
@@ -46,7 +45,6 @@ __all__ = [
     "explained_variance",
     "gae",
     "kl_controller",
-    "last_real_index",
     "masked_mean",
     "masked_var",
     "per_token_kl",

@@ -12,6 +12,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from rlhf_lightning.data.collate import last_token_index
+
 
 @dataclass
 class RewardConfig:
@@ -55,11 +57,6 @@ class ShapedRewards(NamedTuple):
     penalty: torch.Tensor
 
 
-def last_real_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) column of each row's last real token in a right-padded (B, R) mask (-1 for an empty row)."""
-    return mask.long().sum(-1) - 1
-
-
 def shape_rewards(
     scores: torch.Tensor,
     kl: torch.Tensor,
@@ -94,7 +91,7 @@ def shape_rewards(
     penalty = -beta * kl.float() * mask
     rewards = penalty.clone()
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last_real_index(mask)] += score
+    rewards[rows, last_token_index(mask)] += score
     return ShapedRewards(rewards, score, penalty)
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 from rlhf_lightning.data import PreferenceDataModule, write_jsonl
-from rlhf_lightning.models.sampling import SamplingConfig
+from rlhf_lightning.models.sampling import SamplingConfig, sample_responses
 from rlhf_lightning.models.tinygpt import GPTConfig, TinyGPT
 from rlhf_lightning.world import AnnotatorConfig, Annotators, WorldConfig
 
@@ -20,7 +22,8 @@ def policy_pairs(data_dir, seed: int, world: WorldConfig = WORLD) -> PreferenceD
     dm.setup("fit")
     torch.manual_seed(0)
     policy = TinyGPT(GPTConfig(vocab_size=dm.tokenizer.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=32))
-    dm.sample_policy_pairs(policy, seed)
+    tok = dm.tokenizer
+    dm.sample_policy_pairs(partial(sample_responses, policy, dm.pair_sampling, tok.eos_id, tok.pad_id), seed)
     return dm
 
 
@@ -88,8 +91,7 @@ def test_dataloaders_before_sampling_and_data_without_a_world_fail_clearly(world
     own = PreferenceDataModule(data_dir=str(tmp_path), generate_world=False, pair_source="sft_policy")
     own.prepare_data()
     own.setup("fit")
-    policy = TinyGPT(GPTConfig(vocab_size=own.tokenizer.vocab_size, n_layer=1, n_head=2, d_model=16))
     with pytest.raises(ValueError, match="world's annotators"):
-        own.sample_policy_pairs(policy, 0)
+        own.sample_policy_pairs(lambda batches, seed: ([], []), 0)
     with pytest.raises(ValueError, match="pair_source"):
         PreferenceDataModule(data_dir=str(tmp_path), pair_source="humans")

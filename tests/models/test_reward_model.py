@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlhf_lightning.data.collate import join_left_right
 from rlhf_lightning.models.reward import RewardModel, RewardScores
 from rlhf_lightning.models.tinygpt import GPTConfig, TinyGPT
-from rlhf_lightning.modules.reward import join_left_right
 
 CONFIG = GPTConfig(vocab_size=30, n_layer=1, n_head=2, d_model=16, max_seq_len=32)
 
@@ -222,7 +222,8 @@ def test_join_left_right_feeds_the_reward_model_like_an_unpadded_sequence():
 def test_normalised_mean_head_scores_like_the_ensemble_mean():
     """PPO's critic head starts from it: on the last real token it gives the ensemble's mean normalised score
     (heads mode), member 0's with its own trunk (backbones mode), and a single model's head exactly."""
-    from rlhf_lightning.models.heads import ValueHead, last_token_index
+    from rlhf_lightning.data.collate import last_token_index
+    from rlhf_lightning.models.heads import ValueHead
 
     ids, mask = batch()
     rows = torch.arange(ids.shape[0])

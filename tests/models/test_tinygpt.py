@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlhf_lightning.data.collate import last_token_index
 from rlhf_lightning.models.backbone import backbone_from_spec, backbone_spec, build_backbone, disable_dropout, freeze
-from rlhf_lightning.models.heads import ScalarHead, ValueHead, last_token_index
+from rlhf_lightning.models.heads import ScalarHead, ValueHead
 from rlhf_lightning.models.tinygpt import GPTConfig, TinyGPT, attention_mask_4d
 
 

@@ -19,7 +19,10 @@ from rlhf_lightning.cli import main
 from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.models.lora import LoRAConfig
 from rlhf_lightning.modules import PPOModule
-from rlhf_lightning.modules.ppo import PPO_STATE_KEY, EvalConfig, import_score_fn
+from rlhf_lightning.modules.ppo import PPO_STATE_KEY
+from rlhf_lightning.modules.ppo_eval import EvalConfig
+from rlhf_lightning.modules.ppo_passes import sequence_scores
+from rlhf_lightning.modules.ppo_setup import import_score_fn
 from rlhf_lightning.rl import KLConfig, RewardConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -391,8 +394,8 @@ def test_sigkill_mid_run_resumes_to_the_same_end(base, tmp_path):
 
 def test_ensemble_reward_pays_the_conservative_score(base, tmp_path, monkeypatch):
     """A 2-member reward ensemble: PPO logs the members' disagreement on its samples and is paid mean - k * std."""
+    from rlhf_lightning.data.collate import join_left_right
     from rlhf_lightning.models.sampling import SamplingConfig, generate
-    from rlhf_lightning.modules.reward import join_left_right
 
     monkeypatch.chdir(base)
     main(["fit", "-c", str(CONFIGS / "rm.yaml"), *RM_TINY, "--model.init_args.ensemble_size=2",
@@ -409,8 +412,8 @@ def test_ensemble_reward_pays_the_conservative_score(base, tmp_path, monkeypatch
     out = generate(module.policy.eval(), batch["prompt_ids"], batch["prompt_mask"], SamplingConfig(8),
                    module.tokenizer.eos_id, module.tokenizer.pad_id, torch.Generator().manual_seed(0))  # fmt: skip
     with torch.no_grad():
-        paid, _ = module._scores(prompts, [], batch["prompt_ids"], batch["prompt_mask"], out.response_ids,
-                              out.response_mask, out.ended)  # fmt: skip
+        paid, _ = sequence_scores(module._models, "model", 1.5, None, module.device, prompts, [], batch["prompt_ids"],
+                                  batch["prompt_mask"], out.response_ids, out.response_mask, out.ended)  # fmt: skip
         scores = module.reward_model.score(*join_left_right(batch["prompt_ids"], batch["prompt_mask"],
                                                             out.response_ids, out.response_mask))  # fmt: skip
     assert module.reward_model.n_members == 2 and bool((scores.std > 0).all())
@@ -420,9 +423,9 @@ def test_ensemble_reward_pays_the_conservative_score(base, tmp_path, monkeypatch
 def test_reward_normalisation_is_remeasured_on_the_responses_ppo_samples(base, tmp_path):
     """The reward phase measured its statistics on 32-token samples; a PPO run sampling 8 tokens re-measures them on
     the SFT policy's 8-token responses (prompts and noise from its seed), so its first scores are centred there."""
+    from rlhf_lightning.models.backbone import load_sft_backbone
     from rlhf_lightning.models.reward import load_reward_model
-    from rlhf_lightning.models.sampling import SamplingConfig
-    from rlhf_lightning.modules.reward import load_sft_backbone, sample_prompt_responses
+    from rlhf_lightning.models.sampling import SamplingConfig, sample_prompt_responses
 
     module = make_module(base, iterations=1, reward_norm_samples=16, seed=3)
     fit(base, tmp_path, module)

@@ -23,11 +23,10 @@ from rlhf_lightning.data.collate import collate_prompts, tokenize_prompts
 from rlhf_lightning.data.jsonl import read_jsonl
 from rlhf_lightning.diagnose.events import read_scalars
 from rlhf_lightning.hf_tiny import make_tiny_hf
-from rlhf_lightning.models.backbone import backbone_from_spec, build_backbone
+from rlhf_lightning.models.backbone import backbone_from_spec, build_backbone, load_sft_backbone
 from rlhf_lightning.models.lora import LoRABackbone, LoRAConfig
 from rlhf_lightning.models.sampling import SamplingConfig, generate
 from rlhf_lightning.models.tinygpt import GPTConfig
-from rlhf_lightning.modules.reward import load_sft_backbone
 from rlhf_lightning.pipeline import pipeline_main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

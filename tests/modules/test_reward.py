@@ -15,11 +15,12 @@ from test_sft import TINY
 from rlhf_lightning.checkpoint import RLHF_KEY, load_checkpoint
 from rlhf_lightning.cli import main
 from rlhf_lightning.data import PreferenceDataModule, Tokenizer
+from rlhf_lightning.data.collate import join_left_right
+from rlhf_lightning.models.backbone import load_sft_backbone
 from rlhf_lightning.models.reward import RewardModel, load_reward_model
 from rlhf_lightning.models.sampling import SamplingConfig, generate
 from rlhf_lightning.models.tinygpt import GPTConfig, TinyGPT
 from rlhf_lightning.modules import RewardModule
-from rlhf_lightning.modules.reward import join_left_right, load_sft_backbone
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

@@ -55,7 +55,7 @@ def test_cli_writes_checkpoint_events_and_tokenizer(sft_run):
     assert (sft_run / "runs/world/world.json").is_file()  # the world was written on first use
     logged = scalars(sft_run / "runs/sft")
     for tag in ("sft/loss", "sft/val_loss", "sft/val_ppl", "eval/gold_reward", "eval/well_formed", "eval/eos_rate",
-                "eval/distinct_1", "eval/distinct_2", "data/skipped/sft_train"):  # fmt: skip
+                "eval/distinct_1_words", "eval/distinct_2_words", "data/skipped/sft_train"):  # fmt: skip
         assert tag in logged, tag
     assert len(logged["eval/gold_reward"]) == 2  # validated at steps 3 and 6
     assert all(torch.isfinite(torch.tensor(v)).all() for v in logged.values())

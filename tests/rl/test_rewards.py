@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from rlhf_lightning.rl import RunningMoments, last_real_index, remove_length_trend, shape_rewards
+from rlhf_lightning.data.collate import last_token_index
+from rlhf_lightning.rl import RunningMoments, remove_length_trend, shape_rewards
 
 
 def test_score_lands_on_the_last_real_token_and_kl_everywhere() -> None:
@@ -17,7 +18,7 @@ def test_score_lands_on_the_last_real_token_and_kl_everywhere() -> None:
     torch.testing.assert_close(out.score, torch.tensor([2.0, -3.0]))
     # Summed over a response: score - beta * sequence KL.
     torch.testing.assert_close(out.rewards.sum(-1), out.score - 0.5 * kl.sum(-1))
-    assert last_real_index(mask).tolist() == [2, 0]
+    assert last_token_index(mask).tolist() == [2, 0]
 
 
 def test_a_response_without_eos_gets_the_missing_eos_score_whatever_its_own_score() -> None:
