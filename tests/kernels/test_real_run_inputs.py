@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,29 +17,43 @@ from kernel_helpers import GRAD_TOL, VALUE_TOL, fp64_leaf, leaf, upstream, weigh
 import rlhf_kernels
 from rlhf_kernels import PPOLossStats
 from rlhf_kernels.reference import kl_from_logits_reference, ppo_loss_reference, token_logprobs_reference
+from rlhf_lightning.modules import ppo_passes
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
 FP32 = torch.float32
-#: The function that scores a rollout's response tokens under the policy and under the reference (modules/common.py).
-SCORING = "response_token_logprobs"
 
 
-def recording(calls: list[dict], op):
-    """``op`` wrapped to append {"caller", "args", "kwargs", "out"} of every call to ``calls``: the calling function's
-    name, and tensors cloned before the call (an inplace PPO loss overwrites its logits) and detached."""
+def recording(calls: list[dict], op, scoring: list[bool]):
+    """``op`` wrapped to append {"scoring", "args", "kwargs", "out"} of every call to ``calls``: whether the call came
+    from inside the rollout's scoring pass (``scoring[0]``, set by :func:`marking`), and tensors cloned before the
+    call (an inplace PPO loss overwrites its logits) and detached."""
 
     def copy(x):
         return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
     @functools.wraps(op)
     def wrapper(*args, **kwargs):
-        record = {"caller": sys._getframe(1).f_code.co_name, "args": [copy(a) for a in args],
+        record = {"scoring": scoring[0], "args": [copy(a) for a in args],
                   "kwargs": {k: copy(v) for k, v in kwargs.items()}}  # fmt: skip
         out = op(*args, **kwargs)
         record["out"] = [copy(o) for o in (out if isinstance(out, tuple) else (out,))]
         calls.append(record)
         return out
+
+    return wrapper
+
+
+def marking(fn, scoring: list[bool]):
+    """``fn`` wrapped to set ``scoring[0]`` while it runs: the kernel calls it makes are the scoring pass's."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        scoring[0] = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            scoring[0] = False
 
     return wrapper
 
@@ -58,8 +71,11 @@ def run(tmp_path_factory) -> dict[str, list[dict]]:
               "--model.init_args.backbone.d_model=32", "--model.init_args.backbone.n_head=2",
               "--model.init_args.warmup_steps=2", "--model.init_args.lr=1e-2", "--data.init_args.batch_size=16",
               "--trainer.max_steps=40", "--trainer.limit_val_batches=0", *QUIET])  # fmt: skip
+        scoring = [False]
         for name in calls:
-            mp.setattr(rlhf_kernels, name, recording(calls[name], getattr(rlhf_kernels, name)))
+            mp.setattr(rlhf_kernels, name, recording(calls[name], getattr(rlhf_kernels, name), scoring))
+        # The rollout scores its responses under the policy and the reference through this public function.
+        mp.setattr(ppo_passes, "response_token_logprobs", marking(ppo_passes.response_token_logprobs, scoring))
         main(["fit", "-c", str(CONFIGS / "ppo.yaml"), "--model.init_args.reward_source=gold",
               "--model.init_args.reward_checkpoint=null", "--model.init_args.iterations=2",
               "--model.init_args.rollout_batch=8", "--model.init_args.minibatch_size=4",
@@ -75,7 +91,7 @@ def run(tmp_path_factory) -> dict[str, list[dict]]:
 def rollout_logits(run: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(logits, targets, the run's logp) of the rollouts' scoring calls: policy then reference, per iteration (the
     sampler's own per-step calls are left out: 8 rows each, interpreted Triton is slow)."""
-    return [(c["args"][0], c["args"][1], c["out"][0]) for c in run["token_logprobs"] if c["caller"] == SCORING]
+    return [(c["args"][0], c["args"][1], c["out"][0]) for c in run["token_logprobs"] if c["scoring"]]
 
 
 def test_the_recorded_inputs_are_those_of_a_real_run(run):
