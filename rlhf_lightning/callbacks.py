@@ -22,12 +22,13 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from rlhf_lightning import tags
 from rlhf_lightning.checkpoint import checkpoint_dir
 from rlhf_lightning.diagnose.detectors import DETECTORS, FAMILIES, Finding, run_detectors
 from rlhf_lightning.diagnose.history import History
 
-GOLD_TAG = "eval/gold_reward"
-PROXY_TAG = "eval/proxy_reward"
+GOLD_TAG = tags.EVAL_GOLD_REWARD
+PROXY_TAG = tags.EVAL_PROXY_REWARD
 
 
 def best_checkpoint_score(
@@ -45,11 +46,11 @@ def best_checkpoint_score(
         return float(metrics[GOLD_TAG]), GOLD_TAG
     if gold_seen or PROXY_TAG not in metrics:
         return None
-    if max_kl is not None and not float(metrics.get("objective/kl", math.inf)) <= max_kl:
+    if max_kl is not None and not float(metrics.get(tags.KL, math.inf)) <= max_kl:
         return None
     if any(f.active and f.family == "reward_hacking" for f in findings):
         return None
-    return float(metrics[PROXY_TAG]) - float(metrics.get("objective/ensemble_std", 0.0)), "conservative proxy"
+    return float(metrics[PROXY_TAG]) - float(metrics.get(tags.ENSEMBLE_STD, 0.0)), "conservative proxy"
 
 
 class RLHFDiagnostics(pl.Callback):
@@ -122,7 +123,7 @@ class RLHFDiagnostics(pl.Callback):
 
         if trainer.is_global_zero:
             self._report(pl_module, step, new)
-        gold_seen = GOLD_TAG in self._points or "objective/gold_reward" in self._points
+        gold_seen = GOLD_TAG in self._points or tags.GOLD_REWARD in self._points
         score = best_checkpoint_score(metrics, gold_seen, self.findings, self.best_max_kl) if self.save_best else None
         stop = any(f.name in self.stop_on or f.family in self.stop_on for f in new)
         # Every rank must take the same decisions (save_checkpoint has a barrier; a stop on one rank only hangs

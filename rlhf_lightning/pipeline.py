@@ -42,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from rlhf_lightning import tags
 from rlhf_lightning.diagnose.events import read_scalars
 from rlhf_lightning.io import atomic_open
 from rlhf_lightning.stats import seed_stats
@@ -176,28 +177,28 @@ def summarize(out: Path) -> dict[str, Any]:
         series = scalars.get(tag)
         return series[max(series)] if series else None
 
-    gold = logged.get("eval/gold_reward") or {}
+    gold = logged.get(tags.EVAL_GOLD_REWARD) or {}
     best_step = max(gold, key=lambda step: (gold[step], -step)) if gold else None
     best = gold[best_step] if best_step is not None else None
-    final = last("eval/gold_reward")
+    final = last(tags.EVAL_GOLD_REWARD)
     return {
-        "gold_reward_sft": last("eval/sft_gold_reward"),
+        "gold_reward_sft": last(tags.EVAL_SFT_GOLD_REWARD),
         "gold_reward_ppo": final,
         "best_gold_reward_ppo": best,
         "best_gold_iteration": best_step,
         "final_over_best_gold": final / best if final is not None and best is not None and best > 0 else None,
-        "win_rate_vs_sft": last("eval/win_rate"),
-        "proxy_reward_sft": last("eval/sft_proxy_reward"),
-        "proxy_reward_ppo": last("eval/proxy_reward"),
-        "kl": last("objective/kl"),
-        "kl_coef": last("objective/kl_coef"),
-        "distinct_2": last("diversity/distinct_2"),
-        "per_input_distinct_2_ppo": last("diversity/per_input_distinct_2"),
-        "per_input_distinct_2_sft": last("eval/sft_per_input_distinct_2"),
-        "rm_accuracy": last("rm/accuracy", rm_logged),
-        "rm_baseline_accuracy": last("rm/baseline_accuracy", rm_logged),
-        "rm_bayes_accuracy": last("rm/bayes_accuracy", rm_logged),
-        "iterations": (max(logged["objective/kl"]) + 1) if logged.get("objective/kl") else 0,
+        "win_rate_vs_sft": last(tags.EVAL_WIN_RATE),
+        "proxy_reward_sft": last(tags.EVAL_SFT_PROXY_REWARD),
+        "proxy_reward_ppo": last(tags.EVAL_PROXY_REWARD),
+        "kl": last(tags.KL),
+        "kl_coef": last(tags.KL_COEF),
+        "distinct_2": last(tags.DISTINCT_2),
+        "per_input_distinct_2_ppo": last(tags.PER_INPUT_DISTINCT_2),
+        "per_input_distinct_2_sft": last(tags.EVAL_SFT_PER_INPUT_DISTINCT_2),
+        "rm_accuracy": last(tags.RM_ACCURACY, rm_logged),
+        "rm_baseline_accuracy": last(tags.RM_BASELINE_ACCURACY, rm_logged),
+        "rm_bayes_accuracy": last(tags.RM_BAYES_ACCURACY, rm_logged),
+        "iterations": (max(logged[tags.KL]) + 1) if logged.get(tags.KL) else 0,
     }
 
 

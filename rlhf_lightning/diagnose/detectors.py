@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rlhf_lightning import tags
 from rlhf_lightning.diagnose.history import History, Series
 
 FAMILIES = ("reward_hacking", "mode_collapse", "kl_trouble", "annotation_shift")
@@ -135,9 +136,9 @@ def sustained(mask: np.ndarray, k: int) -> np.ndarray:
     return run >= max(k, 1)
 
 
-def _aligned(h: History, *tags: str) -> tuple[np.ndarray, list[np.ndarray]] | None:
-    """The steps all of ``tags`` share and each one's values there; None when a tag is missing or none are shared."""
-    series = [h.get(tag) for tag in tags]
+def _aligned(h: History, *names: str) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """The steps all of ``names`` share and each one's values there; None when a tag is missing or none are shared."""
+    series = [h.get(name) for name in names]
     if any(s is None for s in series):
         return None
     steps = series[0].steps
@@ -174,8 +175,8 @@ def not_evaluated(spec: _Spec, why: str) -> Finding:
     return Finding(spec.name, spec.title, False, False, None, False, f"not evaluated: {why}", spec.causes, spec.fixes)
 
 
-def _needs(*tags: str) -> str:
-    return "needs " + " and ".join(tags)
+def _needs(*names: str) -> str:
+    return "needs " + " and ".join(names)
 
 
 def _f(x: float) -> str:
@@ -210,14 +211,14 @@ def gold_divergence(
     rollout's mean gold is noisy (docs/failure_modes.md, "Why these defaults").
     """
     for proxy_tag, gold_tag in (
-        ("objective/proxy_reward", "objective/gold_reward"),
-        ("eval/proxy_reward", "eval/gold_reward"),
+        (tags.PROXY_REWARD, tags.GOLD_REWARD),
+        (tags.EVAL_PROXY_REWARD, tags.EVAL_GOLD_REWARD),
     ):
         pair = _aligned(h, proxy_tag, gold_tag)
         if pair is not None and len(pair[0]) >= 3:
             break
     else:
-        return not_evaluated(GOLD_DIVERGENCE, _needs("objective/gold_reward", "objective/proxy_reward") + " (>= 3)")
+        return not_evaluated(GOLD_DIVERGENCE, _needs(tags.GOLD_REWARD, tags.PROXY_REWARD) + " (>= 3)")
     steps, (proxy, gold) = pair
     w = min(window, len(steps))
     _, tp = trend(steps, proxy, w)
@@ -268,9 +269,9 @@ def kl_outpaces_reward(
     with 20 one healthy run crossed the line at a single iteration: the condition must hold ``patience`` iterations
     in a row.
     """
-    pair = _aligned(h, "objective/proxy_reward", "objective/kl")
+    pair = _aligned(h, tags.PROXY_REWARD, tags.KL)
     if pair is None:
-        return not_evaluated(KL_OUTPACES_REWARD, _needs("objective/proxy_reward", "objective/kl"))
+        return not_evaluated(KL_OUTPACES_REWARD, _needs(tags.PROXY_REWARD, tags.KL))
     steps, (reward, kl) = pair
     root = np.sqrt(np.clip(kl, 0.0, None))
     sr, _ = trend(steps, reward, window)
@@ -307,9 +308,9 @@ def length_correlation(h: History, smooth: int = 5, corr_min: float = 0.5, rise:
     Fires where the trailing mean (``smooth`` points) of ``rollout/score_length_corr`` is at least ``corr_min`` and
     at least ``rise`` above its mean over the first ``smooth`` points.
     """
-    s = h.get("rollout/score_length_corr")
+    s = h.get(tags.SCORE_LENGTH_CORR)
     if s is None:
-        return not_evaluated(LENGTH_CORRELATION, _needs("rollout/score_length_corr"))
+        return not_evaluated(LENGTH_CORRELATION, _needs(tags.SCORE_LENGTH_CORR))
     cs = trailing_mean(s.values, smooth)
     base, _ = _baseline(h, None, s, smooth)
     signal = (cs >= corr_min) & (cs - base >= rise)
@@ -332,9 +333,9 @@ ENSEMBLE_DISAGREEMENT = _Spec(
 def ensemble_disagreement(h: History, smooth: int = 5, ratio: float = 2.0) -> Finding:
     """Rising ensemble disagreement: fires where the trailing mean (``smooth`` points) of ``objective/ensemble_std``
     exceeds ``ratio`` times its mean over the first ``smooth`` points."""
-    s = h.get("objective/ensemble_std")
+    s = h.get(tags.ENSEMBLE_STD)
     if s is None:
-        return not_evaluated(ENSEMBLE_DISAGREEMENT, _needs("objective/ensemble_std") + " (a reward-model ensemble)")
+        return not_evaluated(ENSEMBLE_DISAGREEMENT, _needs(tags.ENSEMBLE_STD) + " (a reward-model ensemble)")
     cs = trailing_mean(s.values, smooth)
     base, _ = _baseline(h, None, s, smooth)
     signal = cs > ratio * base
@@ -404,8 +405,8 @@ def per_input_diversity(h: History, frac: float = 0.4, smooth: int = 1) -> Findi
         PER_INPUT_DIVERSITY,
         h,
         (
-            ("diversity/per_input_distinct_2", "eval/sft_per_input_distinct_2", False),
-            ("diversity/per_input_self_bleu", "eval/sft_per_input_self_bleu", True),
+            (tags.PER_INPUT_DISTINCT_2, tags.EVAL_SFT_PER_INPUT_DISTINCT_2, False),
+            (tags.PER_INPUT_SELF_BLEU, tags.EVAL_SFT_PER_INPUT_SELF_BLEU, True),
         ),
         frac,
         smooth,
@@ -424,7 +425,7 @@ ENTROPY_COLLAPSE = _Spec(
 def entropy_collapse(h: History, frac: float = 0.3, smooth: int = 5) -> Finding:
     """``objective/entropy`` (trailing mean of ``smooth`` points) below ``frac`` of ``eval/sft_entropy`` (else of its
     first ``smooth`` points). PPO lowers entropy on healthy runs too, hence a lower fraction than for diversity."""
-    return _drop(ENTROPY_COLLAPSE, h, (("objective/entropy", "eval/sft_entropy", False),), frac, smooth)
+    return _drop(ENTROPY_COLLAPSE, h, ((tags.ENTROPY, "eval/sft_entropy", False),), frac, smooth)
 
 
 ACROSS_INPUT_DIVERSITY = _Spec(
@@ -438,7 +439,7 @@ ACROSS_INPUT_DIVERSITY = _Spec(
 @_detector(ACROSS_INPUT_DIVERSITY)
 def across_input_diversity(h: History, frac: float = 0.5, smooth: int = 5) -> Finding:
     """Rollout ``diversity/distinct_2`` (trailing mean of ``smooth`` points) below ``frac`` of its first points."""
-    return _drop(ACROSS_INPUT_DIVERSITY, h, (("diversity/distinct_2", None, False),), frac, smooth)
+    return _drop(ACROSS_INPUT_DIVERSITY, h, ((tags.DISTINCT_2, None, False),), frac, smooth)
 
 
 DUPLICATES = _Spec(
@@ -452,9 +453,9 @@ DUPLICATES = _Spec(
 @_detector(DUPLICATES)
 def duplicates(h: History, smooth: int = 3, max_rate: float = 0.25) -> Finding:
     """``rollout/duplicate_rate`` (trailing mean of ``smooth`` points) reaches ``max_rate``, having started below."""
-    s = h.get("rollout/duplicate_rate")
+    s = h.get(tags.DUPLICATE_RATE)
     if s is None:
-        return not_evaluated(DUPLICATES, _needs("rollout/duplicate_rate"))
+        return not_evaluated(DUPLICATES, _needs(tags.DUPLICATE_RATE))
     cs = trailing_mean(s.values, smooth)
     base, _ = _baseline(h, None, s, smooth)
     signal = (cs >= max_rate) & (base < max_rate)
@@ -485,9 +486,9 @@ NEGATIVE_KL = _Spec(
 @_detector(NEGATIVE_KL)
 def negative_kl(h: History, window: int = 5, tol: float = 0.05) -> Finding:
     """``objective/kl``: the mean of the last ``window`` points below ``-tol`` (nats per sequence)."""
-    s = h.get("objective/kl")
+    s = h.get(tags.KL)
     if s is None:
-        return not_evaluated(NEGATIVE_KL, _needs("objective/kl"))
+        return not_evaluated(NEGATIVE_KL, _needs(tags.KL))
     m = trailing_mean(s.values, window)
     signal = (m < -tol) & (np.arange(len(m)) >= window - 1)
 
@@ -521,9 +522,9 @@ def kl_blowup(
     """``objective/kl`` (trailing mean of ``smooth`` points) above ``bound`` nats, or above ``floor`` and ``growth``
     times what it was ``window`` points earlier (exploding growth) when that earlier level was at least ``min_base``
     nats: every run starts at KL 0 and a healthy one climbs a few nats fast, which is not a blow-up."""
-    s = h.get("objective/kl")
+    s = h.get(tags.KL)
     if s is None:
-        return not_evaluated(KL_BLOWUP, _needs("objective/kl"))
+        return not_evaluated(KL_BLOWUP, _needs(tags.KL))
     ks = trailing_mean(s.values, smooth)
     lag = np.full(len(ks), np.nan)
     if 0 < window < len(ks):
@@ -566,7 +567,7 @@ def beta_at_bound(h: History, patience: int = 3, rtol: float = 1e-3) -> Finding:
     """Beta at a bound for ``patience`` iterations in a row: the module's own flag ``objective/kl_coef_at_bound``
     when logged, else ``objective/kl_coef`` within ``rtol`` of hparams' ``kl.min_coef`` or ``kl.max_coef`` (the flat
     ``kl_min`` / ``kl_max`` of older runs); only for an adaptive controller (read from hparams.yaml)."""
-    flag = h.get("objective/kl_coef_at_bound")
+    flag = h.get(tags.KL_COEF_AT_BOUND)
     if flag is not None:
         signal = sustained(flag.values > 0.5, patience)
 
@@ -578,9 +579,9 @@ def beta_at_bound(h: History, patience: int = 3, rtol: float = 1e-3) -> Finding:
     if hp.get("kl_controller") != "adaptive":
         why = f"kl_controller is {hp['kl_controller']}" if "kl_controller" in hp else "no kl_controller in hparams"
         return not_evaluated(BETA_AT_BOUND, why + " (applies to the adaptive controller)")
-    s = h.get("objective/kl_coef")
+    s = h.get(tags.KL_COEF)
     if s is None or "kl_min" not in hp or "kl_max" not in hp:
-        return not_evaluated(BETA_AT_BOUND, _needs("objective/kl_coef", "kl_min/kl_max in hparams"))
+        return not_evaluated(BETA_AT_BOUND, _needs(tags.KL_COEF, "kl_min/kl_max in hparams"))
     lo, hi = float(hp["kl_min"]), float(hp["kl_max"])
     at = np.isclose(s.values, lo, rtol=rtol, atol=0.0) | np.isclose(s.values, hi, rtol=rtol, atol=0.0)
     signal = sustained(at, patience)
@@ -603,11 +604,11 @@ NO_KL_PENALTY = _Spec(
 def no_kl_penalty(h: History, window: int = 10, t_min: float = 2.0) -> Finding:
     """Beta (``objective/kl_coef``, else hparams' ``kl_coef`` of a fixed controller) is 0 while ``objective/kl``
     rises (trailing-``window`` slope t > ``t_min``)."""
-    kl = h.get("objective/kl")
+    kl = h.get(tags.KL)
     if kl is None:
-        return not_evaluated(NO_KL_PENALTY, _needs("objective/kl"))
-    if h.get("objective/kl_coef") is not None:
-        pair = _aligned(h, "objective/kl", "objective/kl_coef")
+        return not_evaluated(NO_KL_PENALTY, _needs(tags.KL))
+    if h.get(tags.KL_COEF) is not None:
+        pair = _aligned(h, tags.KL, tags.KL_COEF)
         if pair is None:
             return not_evaluated(NO_KL_PENALTY, "objective/kl and objective/kl_coef share no iteration")
         steps, (kl_values, beta) = pair
@@ -646,10 +647,10 @@ def length_bias(
 ) -> Finding:
     """Over all points so far (at least ``min_points``): proxy trend t > ``t_min``, gold trend t < ``gold_t_max``
     (not reliably rising), and mean score-length correlation at least ``corr_min``."""
-    tags = ("objective/proxy_reward", "objective/gold_reward", "rollout/score_length_corr")
-    triple = _aligned(h, *tags)
+    needed = (tags.PROXY_REWARD, tags.GOLD_REWARD, tags.SCORE_LENGTH_CORR)
+    triple = _aligned(h, *needed)
     if triple is None:
-        return not_evaluated(LENGTH_BIAS, _needs(*tags))
+        return not_evaluated(LENGTH_BIAS, _needs(*needed))
     steps, (proxy, gold, corr) = triple
     _, tp = trend(steps, proxy, None)
     _, tg = trend(steps, gold, None)
@@ -678,12 +679,12 @@ def proxy_gold_disagreement(h: History, patience: int = 2) -> Finding:
     """At ``patience`` evaluations in a row: ``eval/proxy_reward`` above ``eval/sft_proxy_reward`` while
     ``eval/gold_reward`` is not above ``eval/sft_gold_reward`` (each against its first evaluation when the SFT value
     is not logged)."""
-    pair = _aligned(h, "eval/proxy_reward", "eval/gold_reward")
+    pair = _aligned(h, tags.EVAL_PROXY_REWARD, tags.EVAL_GOLD_REWARD)
     if pair is None:
-        return not_evaluated(PROXY_GOLD_DISAGREEMENT, _needs("eval/proxy_reward", "eval/gold_reward"))
+        return not_evaluated(PROXY_GOLD_DISAGREEMENT, _needs(tags.EVAL_PROXY_REWARD, tags.EVAL_GOLD_REWARD))
     steps, (proxy, gold) = pair
-    proxy_base, _ = _baseline(h, "eval/sft_proxy_reward", Series(steps, proxy), 1)
-    gold_base, _ = _baseline(h, "eval/sft_gold_reward", Series(steps, gold), 1)
+    proxy_base, _ = _baseline(h, tags.EVAL_SFT_PROXY_REWARD, Series(steps, proxy), 1)
+    gold_base, _ = _baseline(h, tags.EVAL_SFT_GOLD_REWARD, Series(steps, gold), 1)
     proxy_gain, gold_gain = proxy - proxy_base, gold - gold_base
     signal = sustained((proxy_gain > 0) & (gold_gain <= 0), patience)
 

@@ -14,10 +14,11 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from rlhf_lightning import tags
 from rlhf_lightning.diagnose.history import History
 from rlhf_lightning.io import atomic_open
 
-SQRT_KL = "sqrt(objective/kl)"
+SQRT_KL = f"sqrt({tags.KL})"
 ITERATION = "iteration"
 
 #: file name -> (x axis, panels as (title, tag)); a panel no run has is left out, a figure without panels too.
@@ -25,27 +26,27 @@ FIGURES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     "overoptimisation.png": (
         SQRT_KL,
         (
-            ("proxy reward against sqrt(KL)", "objective/proxy_reward"),
-            ("gold reward against sqrt(KL)", "objective/gold_reward"),
+            ("proxy reward against sqrt(KL)", tags.PROXY_REWARD),
+            ("gold reward against sqrt(KL)", tags.GOLD_REWARD),
         ),
     ),
     "diversity.png": (
         ITERATION,
         (
-            ("distinct-2 across inputs", "diversity/distinct_2"),
-            ("self-BLEU across inputs", "diversity/self_bleu"),
-            ("EAD across inputs", "diversity/ead"),
-            ("distinct-2 per input", "diversity/per_input_distinct_2"),
-            ("self-BLEU per input", "diversity/per_input_self_bleu"),
-            ("duplicates across prompts", "rollout/duplicate_rate"),
-            ("entropy", "objective/entropy"),
+            ("distinct-2 across inputs", tags.DISTINCT_2),
+            ("self-BLEU across inputs", tags.SELF_BLEU),
+            ("EAD across inputs", tags.EAD),
+            ("distinct-2 per input", tags.PER_INPUT_DISTINCT_2),
+            ("self-BLEU per input", tags.PER_INPUT_SELF_BLEU),
+            ("duplicates across prompts", tags.DUPLICATE_RATE),
+            ("entropy", tags.ENTROPY),
         ),
     ),
     "length.png": (
         ITERATION,
-        (("rollout length", "rollout/length_mean"), ("held-out length", "eval/length_mean")),
+        (("rollout length", tags.LENGTH_MEAN), ("held-out length", tags.EVAL_LENGTH_MEAN)),
     ),
-    "beta.png": (ITERATION, (("beta (KL coefficient)", "objective/kl_coef"), ("KL", "objective/kl"))),
+    "beta.png": (ITERATION, (("beta (KL coefficient)", tags.KL_COEF), ("KL", tags.KL))),
 }
 
 
@@ -55,7 +56,7 @@ def _xy(h: History, x_axis: str, tag: str) -> tuple[np.ndarray, np.ndarray] | No
         return None
     if x_axis == ITERATION:
         return y.steps, y.values
-    kl = h.get("objective/kl")
+    kl = h.get(tags.KL)
     if kl is None:
         return None
     steps, iy, ik = np.intersect1d(y.steps, kl.steps, return_indices=True)

@@ -38,6 +38,8 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from rlhf_lightning import tags
+
 TokenSequences = Sequence[Sequence[int]] | torch.Tensor
 GroupIds = Sequence[Hashable] | torch.Tensor
 Score = Callable[[Sequence[Sequence[int]]], float]
@@ -203,7 +205,7 @@ def diversity_metrics(
     *,
     lengths: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
-    prefix: str = "diversity",
+    prefix: str = tags.DIVERSITY,
 ) -> dict[str, float]:
     """Every diversity score of one set of responses (e.g. a rollout), keyed ``{prefix}/distinct_1``,
     ``{prefix}/distinct_2``, ``{prefix}/self_bleu`` (BLEU-4), ``{prefix}/ngram_overlap`` (bigrams), ``{prefix}/ead``

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import torch
 from torch import nn
 
+from rlhf_lightning import tags
 from rlhf_lightning.checkpoint import checkpoint_dir
 from rlhf_lightning.models.backbone import backbone_from_spec, backbone_spec
 from rlhf_lightning.models.heads import ValueHead
@@ -240,9 +241,9 @@ class PPOModule(PhaseModule):
         metrics = {
             **metrics_of_rollout,
             **stats,
-            "objective/kl": float(kl_seq),
-            "objective/kl_coef": beta,
-            "objective/kl_coef_at_bound": float(self._at_bound(beta)),
+            tags.KL: float(kl_seq),
+            tags.KL_COEF: beta,
+            tags.KL_COEF_AT_BOUND: float(self._at_bound(beta)),
             "perf/rollout_s": times.generate_s,
             "perf/score_s": times.score_s,
             "perf/update_s": t2 - t1,
@@ -257,8 +258,8 @@ class PPOModule(PhaseModule):
         metrics = mean_over_ranks(self, metrics)
         self._log(metrics, it)
         self.last_metrics = metrics
-        self.log("proxy", metrics["objective/proxy_reward"], prog_bar=True, logger=False)
-        self.log("kl", metrics["objective/kl"], prog_bar=True, logger=False)
+        self.log("proxy", metrics[tags.PROXY_REWARD], prog_bar=True, logger=False)
+        self.log("kl", metrics[tags.KL], prog_bar=True, logger=False)
         if last:
             self.trainer.should_stop = True
 
@@ -388,7 +389,7 @@ class PPOModule(PhaseModule):
                 sched.step()
                 for key, value in stats.items():
                     sums[key] += value
-                epoch_kl.append(stats["policy/approx_kl"])
+                epoch_kl.append(stats[tags.APPROX_KL])
                 steps += 1
             epochs += 1
             if h.target_approx_kl is not None:

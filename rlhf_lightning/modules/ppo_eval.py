@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlhf_lightning import tags
 from rlhf_lightning.data.collate import join_left_right, pad_sequences
 from rlhf_lightning.data.tokenizer import Tokenizer
 from rlhf_lightning.metrics import distinct_n, diversity_metrics, duplicate_rate, pearson, win_rate
@@ -78,23 +79,23 @@ def evaluate(
     cur = sample_eval(policy, *args)
     proxy = proxy_of(cur)
     metrics = {
-        "eval/length_mean": float(cur.lengths.float().mean()),
+        tags.EVAL_LENGTH_MEAN: float(cur.lengths.float().mean()),
         "eval/eos_rate": float(cur.ended.float().mean()),
         "eval/distinct_2": distinct_n(cur.token_ids, 2),
     }
     if proxy is not None:
-        metrics["eval/proxy_reward"] = float(proxy.mean())
-        metrics["eval/sft_proxy_reward"] = float(sft.proxy.mean())
+        metrics[tags.EVAL_PROXY_REWARD] = float(proxy.mean())
+        metrics[tags.EVAL_SFT_PROXY_REWARD] = float(sft.proxy.mean())
     if cur.gold is not None:
-        metrics["eval/gold_reward"] = float(cur.gold.mean())
-        metrics["eval/sft_gold_reward"] = float(sft.samples.gold.mean())
-        metrics["eval/win_rate"] = win_rate(cur.gold, sft.samples.gold)
+        metrics[tags.EVAL_GOLD_REWARD] = float(cur.gold.mean())
+        metrics[tags.EVAL_SFT_GOLD_REWARD] = float(sft.samples.gold.mean())
+        metrics[tags.EVAL_WIN_RATE] = win_rate(cur.gold, sft.samples.gold)
     if config.groups > 0:
         diversity = (tokenizer, prompts, batch, sampling, config, device)
         if sft.per_input is None:
-            sft.per_input = per_input_diversity(ref_policy, *diversity, "eval/sft_per_input")
+            sft.per_input = per_input_diversity(ref_policy, *diversity, tags.EVAL_SFT_PER_INPUT)
         metrics.update(sft.per_input)
-        metrics.update(per_input_diversity(policy, *diversity, "diversity/per_input"))
+        metrics.update(per_input_diversity(policy, *diversity, tags.PER_INPUT))
     table = comparison_table(sft.samples, cur, sft.proxy, proxy, config.table_rows)
     return metrics, table, sft
 
@@ -143,21 +144,21 @@ def rollout_metrics(
     """
     lengths = rollout.response_mask.sum(-1).float()
     metrics = {
-        "objective/proxy_reward": float(rollout.scores.mean()),
+        tags.PROXY_REWARD: float(rollout.scores.mean()),
         "objective/score": stats.score,
         "objective/non_score_reward": stats.non_score_reward,
         "objective/rlhf_reward": stats.rlhf_reward,
-        "rollout/length_mean": float(lengths.mean()),
+        tags.LENGTH_MEAN: float(lengths.mean()),
         "rollout/eos_rate": float(rollout.ended.float().mean()),
-        "rollout/score_length_corr": pearson(rollout.scores, lengths),
-        "rollout/duplicate_rate": duplicate_rate(prompts, responses),
+        tags.SCORE_LENGTH_CORR: pearson(rollout.scores, lengths),
+        tags.DUPLICATE_RATE: duplicate_rate(prompts, responses),
         **diversity_metrics(token_lists, vocab_size),
     }
     if judge is not None:
         gold = rollout.scores if scores_are_gold else judge.score(prompts, responses, rollout.ended.cpu().numpy())
-        metrics["objective/gold_reward"] = float(gold.mean())
+        metrics[tags.GOLD_REWARD] = float(gold.mean())
     if stats.length_slope is not None:
         metrics["objective/length_slope"] = stats.length_slope
     if ensemble_std is not None:
-        metrics["objective/ensemble_std"] = float(ensemble_std)
+        metrics[tags.ENSEMBLE_STD] = float(ensemble_std)
     return metrics

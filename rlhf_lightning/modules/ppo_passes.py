@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 import rlhf_kernels
+from rlhf_lightning import tags
 from rlhf_lightning.data.collate import join_left_right
 from rlhf_lightning.models.sampling import Generation
 from rlhf_lightning.modules.common import response_hidden, response_token_logprobs, unflatten_masked
@@ -108,9 +109,9 @@ def minibatch_loss(
     stats = {
         "policy/loss": float(pg_loss.detach()),
         "policy/clipfrac": float(pstats.clip_fraction),
-        "policy/approx_kl": float(pstats.approx_kl),
+        tags.APPROX_KL: float(pstats.approx_kl),
         "policy/ratio": float(pstats.ratio),
-        "objective/entropy": float(pstats.entropy),
+        tags.ENTROPY: float(pstats.entropy),
         "value/loss": float(v_loss.detach()),
         "value/clipfrac": float(v_clipfrac),
         "value/explained_variance": float(explained_variance(mb.values, mb.returns, sel)),

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 import rlhf_kernels
+from rlhf_lightning import tags
 from rlhf_lightning.data.tokenizer import check_same_tokenizer
 from rlhf_lightning.metrics import expected_calibration_error, order_agreement, pairwise_accuracy, pearson
 from rlhf_lightning.metrics.baseline import bag_of_words_baseline
@@ -189,7 +190,7 @@ class RewardModule(PhaseModule):
         r_c, r_r = v["r_c"].mean(1), v["r_r"].mean(1)  # ensemble mean (raw scores)
         scores, lengths = torch.cat([r_c, r_r]), torch.cat([v["len_c"], v["len_r"]])
         metrics = {
-            "rm/accuracy": pairwise_accuracy(r_c, r_r),
+            tags.RM_ACCURACY: pairwise_accuracy(r_c, r_r),
             "rm/margin": float((r_c - r_r).mean()),
             "rm/ece": expected_calibration_error(r_c, r_r),
             "rm/len_corr": pearson(scores, lengths.float()),
@@ -203,9 +204,9 @@ class RewardModule(PhaseModule):
             g_c, g_r = (g[v["index"]] for g in dm.val_gold)
             metrics["rm/accuracy_gold"] = order_agreement(r_c - r_r, g_c - g_r)
         if getattr(dm, "bayes_accuracy", None) is not None:
-            metrics["rm/bayes_accuracy"] = dm.bayes_accuracy
+            metrics[tags.RM_BAYES_ACCURACY] = dm.bayes_accuracy
         if self.hparams.baseline_folds:
-            metrics["rm/baseline_accuracy"] = self.baseline_accuracy()
+            metrics[tags.RM_BASELINE_ACCURACY] = self.baseline_accuracy()
         if not self.trainer.sanity_checking:
             self.refresh_normalisation()
             metrics["rm/norm_mean"] = float(self.reward_model.norm_mean.mean())
