@@ -17,7 +17,7 @@ RLHF_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-150}" python3 -m pytest tests/ker
 timeout "${PIPELINE_TIMEOUT:-200}" python3 -m rlhf_lightning.cli pipeline --out "$out/pipe" \
     --sft-args "--trainer.max_steps=150 --trainer.val_check_interval=75 --trainer.enable_progress_bar=false" \
     --rm-args "--trainer.max_steps=100 --trainer.val_check_interval=50 --trainer.enable_progress_bar=false" \
-    --ppo-args "--model.init_args.iterations=20 --model.init_args.eval_every=10 --trainer.enable_progress_bar=false" \
+    --ppo-args "--model.init_args.iterations=20 --model.init_args.eval.every=10 --trainer.enable_progress_bar=false" \
     2>&1 | grep -v Warning | tail -25 > "$out/pipeline.log"; cat "$out/pipeline.log"
 cp "$out/pipe/summary.json" "$out/pipeline-summary.json" 2>/dev/null
 rm -rf "$out/pipe"
