@@ -87,12 +87,12 @@ def minibatch_loss(
     p, r = mb.prompt_ids.shape[1], mb.response_ids.shape[1]
     sel = mb.response_mask
     policy, ref_policy = models.policy, models.ref_policy
-    hidden = policy(ids, mask)  # (b, P + R, D)
-    logits = hidden[:, p - 1 : p + r - 1][sel] @ policy.lm_head_weight.T  # (N, V)
+    hidden = response_hidden(policy, ids, mask, p, r)  # (b, R, D)
+    logits = hidden[sel] @ policy.lm_head_weight.T  # (N, V)
     ref_logits = None
     if kl.in_loss and kl.estimator == "full":
         with torch.no_grad():  # the exact KL in the loss reads the reference's logits at the same positions
-            ref_logits = ref_policy(ids, mask)[:, p - 1 : p + r - 1][sel] @ ref_policy.lm_head_weight.T
+            ref_logits = response_hidden(ref_policy, ids, mask, p, r)[sel] @ ref_policy.lm_head_weight.T
     pg_loss, pstats = policy_loss(
         logits, mb.response_ids[sel], mb.logprobs[sel], mb.advantages[sel], clip_eps_low=h.clip_eps,
         clip_eps_high=h.clip_eps if h.clip_eps_high is None else h.clip_eps_high, entropy_coef=h.entropy_coef,
@@ -100,10 +100,8 @@ def minibatch_loss(
         kl_coef=beta if kl.in_loss else 0.0, kl_estimator=kl.estimator if kl.in_loss else "k1",
         ref_logits=ref_logits,
     )  # fmt: skip
-    if models.critic_backbone is not None:
-        values = models.value_head(models.critic_backbone(ids, mask)[:, p - 1 : p + r - 1])  # (b, R)
-    else:
-        values = models.value_head(hidden[:, p - 1 : p + r - 1])
+    critic = models.critic_backbone
+    values = models.value_head(hidden if critic is None else response_hidden(critic, ids, mask, p, r))  # (b, R)
     v_loss, v_clipfrac = value_loss(values.float(), mb.values, mb.returns, sel, value_clip)
     loss = pg_loss + h.vf_coef * v_loss
     stats = {
