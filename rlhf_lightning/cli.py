@@ -1,11 +1,12 @@
 """The ``rlhf`` command.
 
-    rlhf fit -c configs/sft.yaml        # any phase: LightningCLI (omegaconf parser mode), TensorBoard logging
+    rlhf fit -c sft                     # any phase: LightningCLI (omegaconf parser mode), TensorBoard logging
     rlhf world --out runs/world         # write the embedded review world's JSONL files
     rlhf pipeline --out runs/pipeline   # world -> SFT -> reward model -> PPO -> diagnosis (the main job)
     rlhf diagnose runs/ppo [--out DIR]  # findings (evidence, causes, fixes) and plots of one or more runs
     rlhf export CKPT --out DIR          # a checkpoint as a Hugging Face model directory (safetensors + tokenizer)
     rlhf hf-tiny --out DIR              # a tiny local Hugging Face GPT-2 + tokenizer for the embedded world
+    rlhf configs [--out DIR]            # the packaged configs and presets, or a copy of them to edit
 
 ``fit`` (and validate/test) take the module and data module classes from the config's ``class_path``, so one
 command serves every phase. Checkpoints are written atomically (temporary file, fsync, rename).
@@ -18,11 +19,13 @@ import importlib
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from rlhf_lightning.checkpoint import AtomicCheckpointIO, check_whole, load_checkpoint
+from rlhf_lightning.packaged import resolve_config
 
 
 class RLHFCLI(LightningCLI):
@@ -109,29 +112,70 @@ def world_main(argv: list[str]) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
-#: The commands besides LightningCLI's fit/validate/test/predict: name -> "module:function(argv)".
+class Command(NamedTuple):
+    help: str  # one line, for `rlhf --help`
+    target: str | None  # "module:function(argv)"; None: LightningCLI's own subcommand
+
+
+#: Every command of ``rlhf``, in the order ``rlhf --help`` lists them.
 SUBCOMMANDS = {
-    "world": "rlhf_lightning.cli:world_main",
-    "diagnose": "rlhf_lightning.diagnose.report:main",
-    "pipeline": "rlhf_lightning.pipeline:pipeline_main",
-    "export": "rlhf_lightning.export:export_main",
-    "hf-tiny": "rlhf_lightning.hf_tiny:hf_tiny_main",
-}
+    "fit": Command("train a phase: rlhf fit -c sft (a config file or a packaged name; LightningCLI)", None),
+    "validate": Command("evaluate a checkpoint on the validation data (LightningCLI)", None),
+    "test": Command("evaluate a checkpoint on the test data (LightningCLI)", None),
+    "predict": Command("run a checkpoint's predictions (LightningCLI)", None),
+    "world": Command("write the embedded review world's JSONL files", "rlhf_lightning.cli:world_main"),
+    "pipeline": Command("world -> SFT -> reward model -> PPO -> diagnosis under one run directory",
+                        "rlhf_lightning.pipeline:pipeline_main"),
+    "diagnose": Command("findings (evidence, causes, fixes) and plots of one or more runs",
+                        "rlhf_lightning.diagnose.report:main"),
+    "export": Command("a checkpoint as a Hugging Face model directory", "rlhf_lightning.export:export_main"),
+    "hf-tiny": Command("a tiny local Hugging Face GPT-2 + tokenizer for the embedded world",
+                       "rlhf_lightning.hf_tiny:hf_tiny_main"),
+    "configs": Command("list the packaged configs and presets, or copy them for editing (--out DIR)",
+                       "rlhf_lightning.packaged:configs_main"),
+}  # fmt: skip
+
+
+def usage() -> str:
+    """``rlhf --help``: every command in one line each."""
+    width = max(map(len, SUBCOMMANDS))
+    lines = [f"  {name:<{width}}  {command.help}" for name, command in SUBCOMMANDS.items()]
+    return "\n".join(["usage: rlhf <command> [options]", "", "commands:", *lines, "",
+                      "`rlhf <command> --help` shows a command's options."])  # fmt: skip
+
+
+def with_packaged_configs(words: list[str]) -> list[str]:
+    """``words`` with each ``-c``/``--config`` value that is no file replaced by the packaged config of that name."""
+    out = list(words)
+    for i, word in enumerate(out):
+        if word in ("-c", "--config") and i + 1 < len(out):
+            out[i + 1] = str(resolve_config(out[i + 1], word))
+        elif word.startswith("--config="):
+            out[i] = "--config=" + str(resolve_config(word.removeprefix("--config="), "--config"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``rlhf``; ``argv`` (without the program name) defaults to the command line."""
     words = sys.argv[1:] if argv is None else list(argv)
-    if words and words[0] in SUBCOMMANDS:
-        module, _, name = SUBCOMMANDS[words[0]].partition(":")
+    if not words or words[0] in ("-h", "--help"):
+        print(usage())
+        return
+    target = SUBCOMMANDS[words[0]].target if words[0] in SUBCOMMANDS else None
+    if target is not None:
+        module, _, name = target.partition(":")
         getattr(importlib.import_module(module), name)(words[1:])  # imported on use: each pulls in its own stack
         return
+    args = with_packaged_configs(words)
+    if argv is None:
+        # LightningCLI warns when handed arguments beside a command line: give it the resolved command line instead.
+        sys.argv[1:] = args
     RLHFCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
-        args=argv,  # None: LightningCLI reads sys.argv itself
+        args=None if argv is None else args,
     )
 
 

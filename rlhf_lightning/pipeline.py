@@ -45,10 +45,10 @@ import yaml
 from rlhf_lightning import tags
 from rlhf_lightning.diagnose.events import read_scalars
 from rlhf_lightning.io import atomic_open
+from rlhf_lightning.packaged import packaged_config, resolve_config
 from rlhf_lightning.stats import seed_stats
 
 PHASES = ("sft", "rm", "ppo")
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PRESET_KEYS = {"description", "symptom", "diagnose", "fix", "removes", "all", *PHASES}
 
 
@@ -267,10 +267,10 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/pipeline"), help="run directory")
     parser.add_argument(
         "--preset",
-        type=Path,
         action="append",
         default=[],
-        help="a preset YAML (configs/failures/*.yaml, configs/fixes/*.yaml); repeatable, later wins",
+        help="a preset YAML, or a packaged one's name (failures/no_kl, fixes/adaptive_kl; `rlhf configs` lists "
+        "them); repeatable, later wins",
     )
     parser.add_argument("--data-dir", type=Path, help="a folder of the user's own JSONL files (no world is written)")
     parser.add_argument("--sft-checkpoint", type=Path, help="skip SFT: start from this SFT checkpoint")
@@ -283,7 +283,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     seeding.add_argument("--seeds", type=_seeds, help="comma-separated seeds: one run per seed in OUT/seed_S/, then "
                          "OUT/summary.{json,md} with each figure's mean and 95%% confidence interval")  # fmt: skip
     for phase in PHASES:
-        parser.add_argument(f"--{phase}-config", type=Path, help=f"default configs/<hf/>{phase}.yaml")
+        parser.add_argument(f"--{phase}-config", help=f"a config file or a packaged name (default {phase}, hf/{phase})")
         parser.add_argument(f"--{phase}-args", default="", help=f"extra `rlhf fit` arguments of the {phase} phase")
     # "--ppo-args --x=1" would read the value as an option: join each such pair into "--ppo-args=--x=1" first.
     joined, i = [], 0
@@ -300,13 +300,13 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     args.hf_tokenizer = args.hf_tokenizer or args.hf_model
     if args.hf_tokenizer is not None and not (args.hf_tokenizer / "tokenizer.json").is_file():
         parser.error(f"--hf-tokenizer {args.hf_tokenizer} is not a tokenizer directory (no tokenizer.json)")
+    args.preset = [resolve_config(preset, "--preset") for preset in args.preset]
     for phase in PHASES:
-        config = (
-            getattr(args, f"{phase}_config") or (CONFIG_DIR / "hf" if args.hf_model else CONFIG_DIR) / f"{phase}.yaml"
-        )
+        # The default is always the packaged config, whatever files the working directory holds.
+        chosen = getattr(args, f"{phase}_config")
+        config = resolve_config(chosen, f"--{phase}-config") if chosen else packaged_config(
+            f"hf/{phase}" if args.hf_model else phase)  # fmt: skip
         setattr(args, f"{phase}_config", config)
-        if not config.is_file():
-            parser.error(f"--{phase}-config {config} does not exist")
     for name in ("sft_checkpoint", "rm_checkpoint"):
         path = getattr(args, name)
         if path is not None and not path.is_file():
