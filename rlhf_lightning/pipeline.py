@@ -302,11 +302,12 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--hf-tokenizer {args.hf_tokenizer} is not a tokenizer directory (no tokenizer.json)")
     args.preset = [resolve_config(preset, "--preset") for preset in args.preset]
     for phase in PHASES:
-        # The default is always the packaged config, whatever files the working directory holds.
+        # The default is always the packaged config, whatever files the working directory holds. Absolute: the
+        # phases run inside the run directory.
         chosen = getattr(args, f"{phase}_config")
         config = resolve_config(chosen, f"--{phase}-config") if chosen else packaged_config(
             f"hf/{phase}" if args.hf_model else phase)  # fmt: skip
-        setattr(args, f"{phase}_config", config)
+        setattr(args, f"{phase}_config", config.resolve())
     for name in ("sft_checkpoint", "rm_checkpoint"):
         path = getattr(args, name)
         if path is not None and not path.is_file():
@@ -371,7 +372,7 @@ def run_pipeline(args: argparse.Namespace, out: Path, seed: int | None) -> dict[
             if not run:
                 print(f"[pipeline] {phase}: skipped (checkpoint given)")
                 continue
-            config = str(getattr(args, f"{phase}_config").resolve())
+            config = str(getattr(args, f"{phase}_config"))
             # The seeds come before the user's own overrides, which win.
             cmd = ["fit", "-c", config, *extra[phase], *data, *seeding[phase], *phase_args,
                    *shlex.split(getattr(args, f"{phase}_args"))]  # fmt: skip

@@ -86,6 +86,13 @@ def test_pipeline_resolves_presets_configs_and_its_defaults_by_name(tmp_path, mo
         pipeline._parse_args(["--ppo-config", "nope.yaml"])
 
 
+def test_pipeline_takes_a_relative_config_from_where_it_was_started(tmp_path, monkeypatch):
+    """The phases run inside the run directory: a config given relative to the working directory is made absolute."""
+    monkeypatch.chdir(tmp_path)
+    copy_configs(tmp_path / "cfg")
+    assert pipeline._parse_args(["--sft-config", "cfg/sft.yaml"]).sft_config == (tmp_path / "cfg/sft.yaml").resolve()
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["-h"], []])
 def test_help_lists_every_command_in_one_line(capsys, argv):
     main(argv)

@@ -1,4 +1,5 @@
-"""Every package folder is installed: pyproject lists packages explicitly (kernels/ is mapped to rlhf_kernels)."""
+"""Every package folder is installed: pyproject lists packages explicitly (kernels/ is mapped to rlhf_kernels), and
+its package data (rlhf_lightning/configs/, data without Python and so no package) is every packaged config."""
 
 from __future__ import annotations
 
@@ -20,6 +21,14 @@ def test_every_package_folder_is_listed_in_pyproject():
             rel = init.parent.relative_to(folder)
             found.add(".".join((name, *rel.parts)))
     assert found == listed, f"missing from pyproject: {sorted(found - listed)}; stale: {sorted(listed - found)}"
+
+
+def test_package_data_holds_every_packaged_config():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package = ROOT / config["package-dir"]["rlhf_lightning"]
+    shipped = {path for pattern in config["package-data"]["rlhf_lightning"] for path in package.glob(pattern)}
+    files = {path for path in (package / "configs").rglob("*") if path.is_file()}
+    assert files - shipped == set(), f"not in [tool.setuptools.package-data]: {sorted(map(str, files - shipped))}"
 
 
 def test_kernels_folder_never_passes_for_the_hugging_face_kernels_package(monkeypatch):
