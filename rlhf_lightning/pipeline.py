@@ -16,8 +16,9 @@ Any phase can be replaced: ``--sft-checkpoint`` / ``--rm-checkpoint`` skip a pha
 ``--data-dir`` points every phase at a user's own JSONL folder (no world is generated there); ``--sft-config`` etc.
 swap a phase's config; ``--sft-args`` etc. append command-line overrides (e.g. ``"--trainer.max_steps=100"``).
 
-A preset (``--preset FILE``, see configs/failures/ and configs/fixes/) is a YAML file with a description and partial
-configs per phase: ``all`` (merged into every phase, e.g. the world's annotator knobs), ``sft``, ``rm``, ``ppo``.
+A preset (``--preset FILE`` or a packaged name: ``failures/no_kl``, ``fixes/adaptive_kl``; ``rlhf configs`` lists
+them) is a YAML file with a description and partial configs per phase: ``all`` (merged into every phase, e.g. the
+world's annotator knobs), ``sft``, ``rm``, ``ppo``.
 
 ``--seed S`` sets every seed of the recipe from S (see :func:`seed_args`; without it the configs' seeds are used,
 which are those of ``--seed 0``), except the world's when a checkpoint is reused: that stays the checkpoint's.
