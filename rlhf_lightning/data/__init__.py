@@ -1,4 +1,5 @@
-"""The data layer: JSONL schemas and validation, the tokenizer, tokenisation with a truncation policy, collation.
+"""The data layer: JSONL schemas and validation, TRL's record layouts and Parquet / datasets files, the tokenizer,
+tokenisation with a truncation policy, collation.
 
 Everything here is plain Python and PyTorch (no Lightning), so it can be used and tested on its own; the
 LightningDataModules of the phases (``modules.py``) are built on top of it.
@@ -16,12 +17,14 @@ from rlhf_lightning.data.collate import (
     tokenize_prompts,
     tokenize_sft,
 )
+from rlhf_lightning.data.formats import ChatTemplate, read_records
 from rlhf_lightning.data.jsonl import SCHEMAS, DataError, JsonlData, atomic_open, read_jsonl, write_jsonl
 from rlhf_lightning.data.modules import PreferenceDataModule, PromptDataModule, RLHFDataModule, SFTDataModule
 from rlhf_lightning.data.tokenizer import Tokenizer
 
 __all__ = [
     "SCHEMAS",
+    "ChatTemplate",
     "DataError",
     "JsonlData",
     "PreferenceDataModule",
@@ -38,6 +41,7 @@ __all__ = [
     "collate_prompts",
     "collate_sft",
     "read_jsonl",
+    "read_records",
     "tokenize_preferences",
     "tokenize_prompts",
     "tokenize_sft",

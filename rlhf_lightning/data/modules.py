@@ -33,7 +33,8 @@ from rlhf_lightning.data.collate import (
     tokenize_prompts,
     tokenize_sft,
 )
-from rlhf_lightning.data.jsonl import JsonlData, read_jsonl
+from rlhf_lightning.data.formats import PARQUET, chat_template_of, find_data_file, locations, read_records
+from rlhf_lightning.data.jsonl import JsonlData
 from rlhf_lightning.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from rlhf_lightning.world import WORDS, Annotators, GoldJudge, JudgeConfig, WorldConfig, write_world
 from rlhf_lightning.world.annotators import Ended
@@ -103,10 +104,19 @@ class RLHFDataModule(L.LightningDataModule):
 
     # -- files -------------------------------------------------------------------------------------------------------
     def file(self, name: str, override: str | None = None) -> Path:
-        path = Path(override) if override else self.data_dir / name
-        if not path.is_file():
-            hint = "" if override else " (set generate_world: true to write the embedded world there)"
-            raise FileNotFoundError(f"data file {path} does not exist{hint}")
+        """The data file ``override``, else the one of ``name`` (spelt ``NAME.jsonl``) in data_dir: NAME.jsonl,
+        NAME.parquet or a ``datasets`` folder NAME/ (:func:`~rlhf_lightning.data.formats.find_data_file`)."""
+        if override:
+            path = Path(override)
+            if not path.exists():
+                raise FileNotFoundError(f"data file {path} does not exist")
+            return path
+        stem = name.removesuffix(".jsonl")
+        path = find_data_file(self.data_dir, stem)
+        if path is None:
+            hint = " (set generate_world: true to write the embedded world there)"
+            raise FileNotFoundError(f"data file {self.data_dir / name} does not exist, nor {stem}{PARQUET} or a "
+                                    f"datasets folder {stem}/ there{hint}")  # fmt: skip
         return path
 
     def prepare_data(self) -> None:
@@ -157,14 +167,16 @@ class RLHFDataModule(L.LightningDataModule):
         return GoldJudge(JudgeConfig(**judge_cfg) if judge_cfg else JudgeConfig())
 
     def _read_file(self, path: Path, kind: str) -> JsonlData:
-        return read_jsonl(path, kind, on_error=self.hparams.on_error, max_line_bytes=self.hparams.max_line_bytes)
+        h = self.hparams
+        # Conversational records are rendered with the tokenizer's own chat template, so they read as its model expects.
+        return read_records(path, kind, h.on_error, h.max_line_bytes, chat_template_of(h.tokenizer_path))
 
     def _read(self, name: str, kind: str, override: str | None = None) -> tuple[list[dict[str, str]], list[str]]:
-        """The valid records of a data file, and ``"path:line"`` of each (for tokenisation errors)."""
+        """The valid records of a data file, and where each is (``"path:line"``, ``"path row N"``) for tokenisation."""
         path = self.file(name, override)
         data = self._read_file(path, kind)
         self.data_stats[f"data/skipped/{path.stem}"] = float(data.skipped)
-        return data.records, [f"{path}:{line}" for line in data.lines]
+        return data.records, locations(path, data.lines)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
@@ -186,16 +198,16 @@ class RLHFDataModule(L.LightningDataModule):
     def train_prompt_batch(self, n: int, seed: int) -> dict[str, torch.Tensor]:
         """A left-padded batch of n training prompts drawn with replacement (reproducibly, from ``seed``).
 
-        The prompts come from ``data_dir/prompts_train.jsonl`` when it exists, else from the phase's training records.
+        The prompts come from ``data_dir/prompts_train.jsonl`` (or .parquet, or a datasets folder) when it exists, else
+        from the phase's training records.
         """
-        path = self.data_dir / "prompts_train.jsonl"
-        if path.is_file():
-            records, where = self._read(path.name, "prompt")
+        if find_data_file(self.data_dir, "prompts_train") is not None:
+            records, where = self._read("prompts_train.jsonl", "prompt")
             prompts = [r["prompt"] for r in records]
         else:  # the phase's training prompts, which setup tokenised already
             prompts, where = self.train_prompts, None
         if not prompts:
-            raise ValueError(f"no training prompts: neither {path} nor training records with prompts")
+            raise ValueError(f"no training prompts: neither prompts_train in {self.data_dir} nor training records")
         # device="cpu" explicitly: configure_model hooks run under Lightning's default-device context (CUDA on a GPU).
         idx = torch.randint(len(prompts), (n,), generator=torch.Generator().manual_seed(seed), device="cpu").tolist()
         records = [{"prompt": prompts[i]} for i in idx]

@@ -52,7 +52,14 @@ def bad_line(kind: str, case: str) -> tuple[bytes, bool, str]:
         "broken_json": (json.dumps(good).encode()[:-1], False, r"invalid JSON: Expecting .*\(column \d+\)"),
         "not_an_object": (b'["a list", "of strings"]', False, r"expected a JSON object, got list"),
         "wrong_type_int": (with_value(17), True, r"expected a non-empty string, got int"),
-        "wrong_type_list": (with_value(["a", "b"]), True, r"expected a non-empty string, got list"),
+        # A list prompt is a conversational one (data/formats.py): its items must be messages.
+        "wrong_type_list": (
+            with_value(["a", "b"]),
+            True,
+            r"message 1: expected an object with 'role' and 'content', got str"
+            if field == "prompt"
+            else r"expected a non-empty string, got list",
+        ),
         "null": (with_value(None), True, r"expected a non-empty string, got null"),
         "missing": (
             json.dumps({k: v for k, v in good.items() if k != field} or {"id": 1}).encode(),
