@@ -14,17 +14,22 @@ command serves every phase. Checkpoints are written atomically (temporary file, 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import yaml
+from jsonargparse import ArgumentError
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from rlhf_lightning.checkpoint import AtomicCheckpointIO, check_whole, load_checkpoint
+from rlhf_lightning.data.tokenizer import Tokenizer
+from rlhf_lightning.errors import EXIT_USER_ERROR, USER_ERRORS, ArgumentParser, UsageError, condense, user_message
 from rlhf_lightning.packaged import resolve_config
 
 
@@ -43,11 +48,12 @@ class RLHFCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         try:
             super().parse_arguments(parser, args)
-        except SystemExit:
+        except ArgumentError as err:  # the parsers raise instead of exiting (exit_on_error=False): one line
+            message = condense(str(err))
             # A key of an earlier version (PPO's flat kl_coef, eval_every, ...): say where the setting lives now.
             for old, new in renamed_keys(sys.argv[1:] if args is None else list(args)):
-                print(f"rlhf: model.init_args.{old} is now model.init_args.{new}", file=sys.stderr)
-            raise
+                message += f"; model.init_args.{old} is now model.init_args.{new}"
+            raise UsageError(message) from err
         # LightningCLI reads a --ckpt_path file next, with a bare torch.load, and replaces the configured model with
         # the class and hyperparameters saved in it: an SFT checkpoint given to a PPO config would silently turn the
         # run into an SFT run. Check the file whole and of the configured module's phase first.
@@ -80,6 +86,32 @@ class RLHFCLI(LightningCLI):
             )
 
 
+class _CheckCLI(RLHFCLI):
+    """An RLHFCLI that builds the module and the data module of a command line, and no trainer."""
+
+    def instantiate_trainer(self, **kwargs):
+        return None
+
+
+def check_command(words: list[str], tokenizer: Tokenizer | None = None) -> LightningDataModule:
+    """Parses a ``fit``/``validate``/... command line ``words`` (without the program name) and builds its module and
+    data module as the command would, without a trainer and without running anything; raises what the command would
+    raise on its configuration. Returns the data module, not set up, holding ``tokenizer`` when one is given."""
+    if not words or words[0] not in LIGHTNING_COMMANDS:
+        raise ValueError(f"check_command: expected one of {LIGHTNING_COMMANDS} first, got {words[:1]}")
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)  # "Seed set to 0": the command itself will say it when it runs
+    try:
+        cli = _CheckCLI(subclass_mode_model=True, subclass_mode_data=True, parser_kwargs=PARSER_KWARGS,
+                        args=words[1:], run=False)  # fmt: skip
+    finally:
+        seed_log.setLevel(level)
+    if tokenizer is not None:
+        cli.datamodule.tokenizer = tokenizer
+    return cli.datamodule
+
+
 def renamed_keys(argv: list[str]) -> list[tuple[str, str]]:
     """(old, new) for every model key of ``argv`` (``--model.init_args.KEY`` arguments and the ``model.init_args`` of
     its ``-c`` files) that a phase module lists in its ``RENAMED``."""
@@ -104,7 +136,7 @@ def world_main(argv: list[str]) -> None:
     """``rlhf world``: writes the embedded review world's files and prints its summary."""
     from rlhf_lightning.world import WorldConfig, write_world
 
-    parser = argparse.ArgumentParser(prog="rlhf world", description="Write the embedded review world's JSONL files.")
+    parser = ArgumentParser(prog="rlhf world", description="Write the embedded review world's JSONL files.")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -135,6 +167,17 @@ SUBCOMMANDS = {
                        "rlhf_lightning.packaged:configs_main"),
 }  # fmt: skip
 
+#: LightningCLI's own commands.
+LIGHTNING_COMMANDS = tuple(name for name, command in SUBCOMMANDS.items() if command.target is None)
+
+#: LightningCLI's parser settings. exit_on_error off (on the main parser and each command's): a config mistake
+#: raises, and main() reports it in one line instead of jsonargparse's usage text and tree of Union alternatives.
+PARSER_KWARGS = {
+    "parser_mode": "omegaconf",
+    "exit_on_error": False,
+    **{command: {"exit_on_error": False} for command in LIGHTNING_COMMANDS},
+}
+
 
 def usage() -> str:
     """``rlhf --help``: every command in one line each."""
@@ -156,8 +199,27 @@ def with_packaged_configs(words: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``rlhf``; ``argv`` (without the program name) defaults to the command line."""
+    """Entry point of ``rlhf``; ``argv`` (without the program name) defaults to the command line.
+
+    A user error (:data:`~rlhf_lightning.errors.USER_ERRORS`) ends the command with one line on stderr,
+    ``rlhf: error: <message>``, and exit status 2; ``--debug`` (anywhere in ``argv``) lets it through with its
+    traceback instead.
+    """
     words = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in words
+    words = [word for word in words if word != "--debug"]
+    try:
+        run_command(words)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"rlhf: error: {user_message(err)}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def run_command(words: list[str]) -> None:
+    """Runs one ``rlhf`` command line ``words`` (without the program name): the usage, one of :data:`SUBCOMMANDS`,
+    or LightningCLI's."""
     if not words or words[0] in ("-h", "--help"):
         print(usage())
         return
@@ -166,17 +228,17 @@ def main(argv: list[str] | None = None) -> None:
         module, _, name = target.partition(":")
         getattr(importlib.import_module(module), name)(words[1:])  # imported on use: each pulls in its own stack
         return
-    args = with_packaged_configs(words)
-    if argv is None:
-        # LightningCLI warns when handed arguments beside a command line: give it the resolved command line instead.
-        sys.argv[1:] = args
-    RLHFCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=None if argv is None else args,
-    )
+    with warnings.catch_warnings():
+        # The arguments are given explicitly (their config names resolved, --debug removed), whatever sys.argv
+        # holds; LightningCLI would warn that both were given.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        RLHFCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_kwargs=PARSER_KWARGS,
+            save_config_kwargs={"overwrite": True},
+            args=with_packaged_configs(words),
+        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ temporary sibling and renamed into place, so ``DIR`` is never half-written.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -37,6 +36,7 @@ from torch import nn
 
 from rlhf_lightning.checkpoint import RLHF_KEY, load_checkpoint
 from rlhf_lightning.data.tokenizer import Tokenizer
+from rlhf_lightning.errors import ArgumentParser, UsageError
 from rlhf_lightning.models.backbone import backbone_from_spec
 from rlhf_lightning.models.hf import HFCausalLM
 from rlhf_lightning.models.lora import LoRABackbone
@@ -312,7 +312,7 @@ def write_hf_directory(model: nn.Module, tokenizer: Tokenizer, out: Path, paddin
 
 def export_main(argv: list[str]) -> None:
     """``rlhf export CHECKPOINT --out DIR [--force]``: prints what was written."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="rlhf export", description="Export a checkpoint as a Hugging Face model directory (safetensors)."
     )
     parser.add_argument("checkpoint", type=Path, help="an sft, ppo or reward checkpoint")
@@ -322,6 +322,6 @@ def export_main(argv: list[str]) -> None:
     try:
         out = export_checkpoint(args.checkpoint, args.out, force=args.force)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
-        parser.exit(2, f"rlhf export: error: {err}\n")
+        raise UsageError(f"export: {err}") from err  # rlhf's one line, naming the command
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     print(json.dumps({"out": str(out), "phase": config["rlhf_phase"], "architectures": config["architectures"]}))

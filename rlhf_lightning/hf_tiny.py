@@ -14,7 +14,6 @@ uninterrupted one, since the global RNG is not in the checkpoint). The directory
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from rlhf_lightning.data.tokenizer import Tokenizer
+from rlhf_lightning.errors import ArgumentParser
 from rlhf_lightning.export import check_output_dir, write_hf_directory
 from rlhf_lightning.world import WORDS
 
@@ -63,7 +63,7 @@ def make_tiny_hf(
 
 def hf_tiny_main(argv: list[str]) -> None:
     """``rlhf hf-tiny --out DIR [--n-layer 2 --n-head 2 --d-model 32 --n-positions 128 --seed 0 --force]``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="rlhf hf-tiny", description="Write a tiny local Hugging Face GPT-2 and a tokenizer for the embedded world."
     )
     parser.add_argument("--out", required=True, type=Path, help="the model directory to create")

@@ -34,7 +34,9 @@ import inspect
 import json
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +47,7 @@ import yaml
 
 from rlhf_lightning import tags
 from rlhf_lightning.diagnose.events import read_scalars
+from rlhf_lightning.errors import USER_ERRORS, ArgumentParser, UsageError, user_message
 from rlhf_lightning.io import atomic_open
 from rlhf_lightning.packaged import packaged_config, resolve_config
 from rlhf_lightning.stats import seed_stats
@@ -264,7 +267,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="rlhf pipeline", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="rlhf pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/pipeline"), help="run directory")
     parser.add_argument(
         "--preset",
@@ -303,25 +306,36 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--hf-tokenizer {args.hf_tokenizer} is not a tokenizer directory (no tokenizer.json)")
     args.preset = [resolve_config(preset, "--preset") for preset in args.preset]
     for phase in PHASES:
-        # The default is always the packaged config, whatever files the working directory holds. Absolute: the
-        # phases run inside the run directory.
+        # The default is always the packaged config, whatever files the working directory holds.
         chosen = getattr(args, f"{phase}_config")
         config = resolve_config(chosen, f"--{phase}-config") if chosen else packaged_config(
             f"hf/{phase}" if args.hf_model else phase)  # fmt: skip
-        setattr(args, f"{phase}_config", config.resolve())
+        setattr(args, f"{phase}_config", config)
     for name in ("sft_checkpoint", "rm_checkpoint"):
         path = getattr(args, name)
         if path is not None and not path.is_file():
             parser.error(f"--{name.replace('_', '-')} {path} does not exist")
     if args.data_dir is not None and not args.data_dir.is_dir():
         parser.error(f"--data-dir {args.data_dir} is not a folder")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; the run directory must be a folder (or not exist yet)")
+    # Absolute from here on: the phases (and the check before them) run in other working directories.
+    for name, value in vars(args).items():
+        if isinstance(value, Path):
+            setattr(args, name, value.resolve())
+    args.preset = [path.resolve() for path in args.preset]
     return args
 
 
 def pipeline_main(argv: list[str]) -> dict[str, Any]:
-    """``rlhf pipeline``; returns the summary it prints and writes (of the run, or of the seed study)."""
+    """``rlhf pipeline``; returns the summary it prints and writes (of the run, or of the seed study).
+
+    Every phase's config, overrides and data are checked (:func:`check_phases`) before any phase trains, so a
+    mistake in the last phase's settings costs seconds, not the first phases' training.
+    """
     args = _parse_args(argv)
     out = args.out.resolve()
+    check_phases(args)
     if args.seeds is None:
         return run_pipeline(args, out, args.seed)
     runs = {seed: run_pipeline(args, out / f"seed_{seed}", seed) for seed in args.seeds}
@@ -336,14 +350,13 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
     return study
 
 
-def run_pipeline(args: argparse.Namespace, out: Path, seed: int | None) -> dict[str, Any]:
-    """The recipe once, in run directory ``out``, with the seeds of ``seed`` (see :func:`seed_args`)."""
-    from rlhf_lightning.cli import main as rlhf_main
+def phase_plan(args: argparse.Namespace, out: Path, seed: int | None) -> list[tuple[str, list[str] | None]]:
+    """Per phase, in order, its ``rlhf fit`` arguments, run from inside ``out`` (None: skipped, checkpoint given).
 
+    The preset's partial configs are written under ``out/preset/``.
+    """
     presets = [load_preset(path) for path in args.preset]
-    preset = combine_presets(presets) if presets else None
-    out.mkdir(parents=True, exist_ok=True)
-    extra = phase_configs(preset, out)
+    extra = phase_configs(combine_presets(presets) if presets else None, out)
     # A reused checkpoint keeps the world it was trained on (under any seed): in another world's split, the held-out
     # prompts the policies are evaluated on could be prompts it trained on.
     reused = args.sft_checkpoint or args.rm_checkpoint
@@ -365,18 +378,72 @@ def run_pipeline(args: argparse.Namespace, out: Path, seed: int | None) -> dict[
         ("ppo", True, [f"--model.init_args.sft_checkpoint={sft_ckpt}",
                        f"--model.init_args.reward_checkpoint={rm_ckpt}", *tokenizer]),
     ]  # fmt: skip
-    for path, one in zip(args.preset, presets, strict=True):
-        print(f"[pipeline] preset {path}: {str(one.get('description', '')).strip()}")
+    commands = []
+    for phase, run, phase_args in plan:
+        config = str(getattr(args, f"{phase}_config").resolve())
+        # The seeds come before the user's own overrides, which win.
+        cmd = ["fit", "-c", config, *extra[phase], *data, *seeding[phase], *phase_args,
+               *shlex.split(getattr(args, f"{phase}_args"))]  # fmt: skip
+        commands.append((phase, cmd if run else None))
+    return commands
+
+
+def check_phases(args: argparse.Namespace) -> None:
+    """Builds every phase that will run — its config with the preset and overrides, its module and data module —
+    without training, and with ``--data-dir`` reads and tokenises all of its data; raises the first mistake.
+
+    It runs in a temporary folder standing in for the run directory, so a failed check leaves nothing behind. The
+    checkpoints the earlier phases will write are empty stand-in files there: a module only checks, when it is
+    built, that its checkpoints exist. The phases after SFT read text with the SFT tokenizer, which does not exist
+    yet: their data is checked with the tokenizer SFT's data module makes (given, or trained on the same data).
+    """
+    from rlhf_lightning.cli import check_command
+
+    with tempfile.TemporaryDirectory(prefix="rlhf-check-") as tmp, _phase_context(Path(tmp)):
+        for stand_in in ("runs/sft/checkpoints/last.ckpt", "runs/rm/checkpoints/last.ckpt"):
+            Path(stand_in).parent.mkdir(parents=True)
+            Path(stand_in).touch()
+        tokenizer = None
+        for phase, cmd in phase_plan(args, Path(tmp), args.seed if args.seeds is None else args.seeds[0]):
+            if cmd is None:
+                continue
+            try:
+                datamodule = check_command(cmd, tokenizer)
+                if args.data_dir is not None:
+                    datamodule.prepare_data()
+                    datamodule.setup("fit")
+                    tokenizer = tokenizer or datamodule.tokenizer
+            except USER_ERRORS as err:
+                raise UsageError(f"{phase} phase: {user_message(err)}") from err
+
+
+def run_pipeline(args: argparse.Namespace, out: Path, seed: int | None) -> dict[str, Any]:
+    """The recipe once, in run directory ``out``, with the seeds of ``seed`` (see :func:`seed_args`).
+
+    When ``out`` did not exist and the run fails before any phase has written a checkpoint, ``out`` is removed:
+    a failed start leaves nothing behind.
+    """
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_phases(args, out, seed)
+    except BaseException:
+        if created and not any(out.glob("runs/*/checkpoints/*.ckpt")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run_phases(args: argparse.Namespace, out: Path, seed: int | None) -> dict[str, Any]:
+    from rlhf_lightning.cli import main as rlhf_main
+
+    for path in args.preset:
+        print(f"[pipeline] preset {path}: {str(load_preset(path).get('description', '')).strip()}")
     timings: dict[str, float] = {}
     with _phase_context(out):
-        for phase, run, phase_args in plan:
-            if not run:
+        for phase, cmd in phase_plan(args, out, seed):
+            if cmd is None:
                 print(f"[pipeline] {phase}: skipped (checkpoint given)")
                 continue
-            config = str(getattr(args, f"{phase}_config"))
-            # The seeds come before the user's own overrides, which win.
-            cmd = ["fit", "-c", config, *extra[phase], *data, *seeding[phase], *phase_args,
-                   *shlex.split(getattr(args, f"{phase}_args"))]  # fmt: skip
             print(f"[pipeline] {phase}: rlhf {' '.join(cmd)}", flush=True)
             start = time.perf_counter()
             rlhf_main(cmd)

@@ -135,7 +135,7 @@ def test_export_refuses_a_damaged_checkpoint(runs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["export", str(bad), "--out", str(tmp_path / "hf")])
     assert exc.value.code == 2
-    assert re.search(re.escape(f"rlhf export: error: checkpoint {bad} is corrupt") + ".*CRC", capsys.readouterr().err)
+    assert re.search(re.escape(f"rlhf: error: export: checkpoint {bad} is corrupt") + ".*CRC", capsys.readouterr().err)
     assert not (tmp_path / "hf").exists()
 
 

@@ -12,7 +12,7 @@ PACKAGE = ROOT / "rlhf_lightning"
 
 #: The floor of each top-level part of the package (and of the kernels): a part may import its own floor and below.
 FLOORS = {
-    "rlhf_kernels": 0, "io": 0, "stats": 0, "checkpoint": 0, "tags": 0,  # leaves: no other part of the package
+    "rlhf_kernels": 0, "io": 0, "stats": 0, "checkpoint": 0, "tags": 0, "errors": 0,  # leaves: no other part
     "packaged": 0,  # the configs shipped in the package
     "world": 1, "metrics": 1, "diagnose": 1,  # the simulated world, pure metrics, reading a run's metrics
     "data": 2,  # files, tokenizer, collation, data modules (on the world)

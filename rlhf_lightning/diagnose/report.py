@@ -7,7 +7,6 @@ Reads each run's TensorBoard event files, runs every detector, prints a Markdown
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from rlhf_lightning.diagnose.detectors import FAMILIES, Finding, run_detectors
 from rlhf_lightning.diagnose.events import NoEventsError, read_run
 from rlhf_lightning.diagnose.history import History
 from rlhf_lightning.diagnose.plots import plot_runs
+from rlhf_lightning.errors import ArgumentParser
 from rlhf_lightning.io import atomic_open
 
 FAMILY_TITLES = {
@@ -85,7 +85,7 @@ def diagnose(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> t
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``rlhf diagnose``; a directory without event files is a usage error (exit status 2)."""
-    parser = argparse.ArgumentParser(prog="rlhf diagnose", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="rlhf diagnose", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run's TensorBoard log folder")
     parser.add_argument("--out", type=Path, help="output folder (default RUN_DIR/diagnose, or ./diagnose for several)")
     args = parser.parse_args(argv)

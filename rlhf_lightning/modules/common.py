@@ -4,8 +4,9 @@ warmup/cosine optimiser, and the tokenizer/backbone bookkeeping a self-contained
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -221,6 +222,23 @@ def comparison_table(
     body = [[cur.prompts[i], sft.responses[i], scores(i, sft.gold, sft_proxy), cur.responses[i],
              scores(i, cur.gold, proxy)] for i in range(min(rows, len(cur.prompts)))]  # fmt: skip
     return markdown_table(["prompt", "SFT response", "SFT scores", "policy response", "policy scores"], body)
+
+
+def check_optimizer_settings(h: Mapping[str, Any], lrs: tuple[str, ...] = ("lr",)) -> None:
+    """Checks a phase module's optimiser settings (``h``: its hyperparameters; ``lrs``: its learning-rate names) when
+    it is constructed: torch rejects a bad one only when the optimiser is built, after the data and the models have
+    loaded, in words that do not name the setting ("Invalid learning rate: -0.1")."""
+    for name in lrs:
+        if not h[name] > 0:  # also NaN
+            raise ValueError(f"model.init_args.{name} must be > 0, got {h[name]}")
+    if not h["weight_decay"] >= 0:
+        raise ValueError(f"model.init_args.weight_decay must be >= 0, got {h['weight_decay']}")
+    if len(h["betas"]) != 2 or not all(0 <= b < 1 for b in h["betas"]):
+        raise ValueError(f"model.init_args.betas must be two numbers in [0, 1), got {list(h['betas'])}")
+    if h["warmup_steps"] < 0:
+        raise ValueError(f"model.init_args.warmup_steps must be >= 0, got {h['warmup_steps']}")
+    if not 0 <= h["min_lr_ratio"] <= 1:
+        raise ValueError(f"model.init_args.min_lr_ratio must be in [0, 1], got {h['min_lr_ratio']}")
 
 
 def adamw_with_warmup_cosine(

@@ -39,6 +39,7 @@ from rlhf_lightning.models.lora import AdaptersDisabled, LoRAConfig
 from rlhf_lightning.models.sampling import Generation, SamplingConfig, eval_mode, generate
 from rlhf_lightning.modules.base import PhaseModule
 from rlhf_lightning.modules.common import (
+    check_optimizer_settings,
     mean_over_ranks,
     on_every_rank,
     shard_backbone,
@@ -147,6 +148,7 @@ class PPOModule(PhaseModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_optimizer_settings(self.hparams, ("lr", "critic_lr"))
         self.automatic_optimization = False
         # The arguments, not hparams: loaded from a checkpoint made under LightningCLI they arrive as dicts.
         self.lora = config_arg(LoRAConfig, lora)

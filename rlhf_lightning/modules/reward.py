@@ -34,7 +34,12 @@ from rlhf_lightning.models.heads import Pooling
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.models.sampling import SamplingConfig, sample_prompt_responses, sample_responses
 from rlhf_lightning.modules.base import PhaseModule
-from rlhf_lightning.modules.common import adamw_with_warmup_cosine, finite_rank_mean, shard_backbone
+from rlhf_lightning.modules.common import (
+    adamw_with_warmup_cosine,
+    check_optimizer_settings,
+    finite_rank_mean,
+    shard_backbone,
+)
 
 
 def pair_scores(model: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +104,7 @@ class RewardModule(PhaseModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_optimizer_settings(self.hparams)
         if ensemble_size < 1:
             raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}")
         if norm_samples < 2:

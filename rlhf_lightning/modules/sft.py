@@ -19,6 +19,7 @@ from rlhf_lightning.models.tinygpt import GPTConfig
 from rlhf_lightning.modules.base import PhaseModule
 from rlhf_lightning.modules.common import (
     adamw_with_warmup_cosine,
+    check_optimizer_settings,
     eval_metrics,
     finite_rank_mean,
     response_logprobs,
@@ -61,6 +62,7 @@ class SFTModule(PhaseModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_optimizer_settings(self.hparams)
         self.backbone_config = backbone or GPTConfig()
         self.eval_sampling = eval_sampling or SamplingConfig(max_new_tokens=32, temperature=1.0)
         self.model: torch.nn.Module | None = None
