@@ -99,7 +99,7 @@ def test_a_utf16_file_is_one_line_naming_the_file(user_data, tmp_path, capsys):
     path.write_bytes(path.read_text(encoding="utf-8").encode("utf-16"))
     out = tmp_path / "run"
     message = one_line_error(capsys, ["pipeline", "--out", str(out), "--data-dir", str(data)])
-    assert message.startswith(f"sft phase: {path}:1: ")
+    assert message == f"sft phase: {path}: file is UTF-16 (byte-order mark FF FE); save it as UTF-8"
     assert not out.exists()
 
 
