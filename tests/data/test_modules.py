@@ -16,7 +16,8 @@ def test_users_own_files_without_a_world(tmp_path):
     dm = SFTDataModule(data_dir=str(tmp_path), generate_world=False, batch_size=4, eval_prompts=5)
     dm.prepare_data()
     dm.setup()
-    assert (tmp_path / "tokenizer.json").is_file()  # trained on the user's corpus
+    assert dm.tokenizer.unk_id is None  # a byte-level BPE trained on the user's corpus...
+    assert not (tmp_path / "tokenizer.json").exists()  # ...and kept out of the user's folder
     assert not (tmp_path / META_FILE).exists() and dm.judge is None  # no gold judge for real data
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 4 and batch["loss_mask"].any()
@@ -36,7 +37,7 @@ def test_missing_file_names_the_path_and_skip_is_counted(tmp_path):
     write_jsonl(tmp_path / "sft_val.jsonl", good)
     strict = SFTDataModule(data_dir=str(tmp_path), generate_world=False)
     with pytest.raises(ValueError, match=r"sft_train.jsonl:4: field 'prompt'"):
-        strict.prepare_data()
+        strict.setup()
     lenient = SFTDataModule(data_dir=str(tmp_path), generate_world=False, on_error="skip")
     lenient.prepare_data()
     lenient.setup()
