@@ -3,7 +3,7 @@
 Three sources, nothing ever downloaded:
 
 - :meth:`Tokenizer.train_word_level`: one id per word, for the embedded world, whose text is words of a known
-  grammar (about a hundred words: short sequences, and the gold judge and every calibrated default are tuned to
+  grammar (~80 words: short sequences, and the gold judge and every calibrated default are tuned to
   them). It has an ``<unk>`` for any other word, so it does not suit other text.
 - :meth:`Tokenizer.train_byte_bpe`: a byte-level BPE, the default for a user's own text. Every byte has a token,
   so nothing is unknown and decoding gives the text back exactly.

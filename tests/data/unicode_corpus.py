@@ -9,7 +9,9 @@ accents, emoji, CJK, tabs, newlines and runs of spaces, in every file the data m
 - ``sft_val.jsonl``, ``prefs_val.jsonl``, ``prompts_val.jsonl``: 10 records each, on topics of their own, with a word
   (:data:`VAL_ONLY_WORD`) that no training file holds.
 
-Every text but the long responses is under 300 bytes.
+Every text but the long responses is under 300 bytes. With the default tokenizer of this folder (the byte-level BPE
+its training files give, 1172 tokens) a prompt has at most 17 tokens, a short response 56 (57 with EOS), the long
+ones about 1,100: ``max_prompt_len`` 17 and ``max_response_len`` 57 fit every file but sft_train.jsonl, 1106 that too.
 """
 
 from __future__ import annotations
