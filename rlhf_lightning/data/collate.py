@@ -4,7 +4,8 @@ Records are tokenised once, in a batch, into examples of token-id lists; the col
 response are tokenised separately and concatenated as they are (no separator, no template): a chat template, or the
 leading space a byte-level BPE expects before a response's first word, belongs in the text itself.
 
-Truncation policy (counted in :class:`TruncationStats`, logged as ``data/truncated_*``):
+Truncation policy (counted in :class:`TruncationStats`, logged as ``data/truncated_*``; the data modules refuse to
+cut anything unless ``truncation: warn``, see :class:`~rlhf_lightning.data.modules.RLHFDataModule`):
 
 - A prompt keeps its LAST ``max_prompt_len`` tokens: the end of a prompt is what the response answers.
 - A response keeps its FIRST tokens. EOS is appended only when the whole response and EOS fit in
@@ -15,6 +16,8 @@ Truncation policy (counted in :class:`TruncationStats`, logged as ``data/truncat
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -63,19 +66,49 @@ class PromptExample(NamedTuple):
 
 @dataclass
 class TruncationStats:
-    """What the truncation policy did to a list of records.
+    """What tokenising a list of records found, and what the truncation policy did to it.
 
     Attributes:
         examples: records tokenised.
         responses: responses tokenised (1 per SFT example, 2 per preference pair, 0 per prompt).
         truncated_prompts: prompts that lost their first tokens.
         truncated_responses: responses cut at ``max_response_len`` (and left without EOS).
+        tokens: tokens of all the texts, before truncation.
+        unk_tokens: how many of them are the tokenizer's unknown token (0 for a tokenizer without one).
+        prompt_lengths: (examples,) each prompt's tokens before truncation: the ``max_prompt_len`` that keeps it whole.
+        response_lengths: (responses,) each response's tokens before truncation plus 1 for its EOS: the
+            ``max_response_len`` that keeps it whole.
     """
 
     examples: int = 0
     responses: int = 0
     truncated_prompts: int = 0
     truncated_responses: int = 0
+    tokens: int = 0
+    unk_tokens: int = 0
+    prompt_lengths: list[int] = dataclasses.field(default_factory=list)
+    response_lengths: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def unk_rate(self) -> float:
+        """The share of unknown tokens among all tokens (0 when there are none)."""
+        return self.unk_tokens / self.tokens if self.tokens else 0.0
+
+    def figures(self) -> dict[str, float]:
+        """The counts and the unknown-token rate, by name: what the data modules log as ``data/<name>/<file>``."""
+        names = ("examples", "responses", "truncated_prompts", "truncated_responses")
+        return {**{name: float(getattr(self, name)) for name in names}, "unk_rate": self.unk_rate}
+
+
+def fitting_length(lengths: Sequence[int], share: float) -> int:
+    """The smallest length budget that keeps at least ``share`` of the sequences whole.
+
+    Args:
+        lengths: (N,) N >= 1, each sequence's length (as in :attr:`TruncationStats.prompt_lengths`).
+        share: in (0, 1]; 1: the budget that keeps every sequence whole (the longest length).
+    """
+    ordered = sorted(lengths)
+    return ordered[max(math.ceil(share * len(ordered)), 1) - 1]
 
 
 def tokenize_sft(
@@ -145,8 +178,14 @@ def tokenize_prompts(
 
 
 def _encode(
-    records: Sequence[Mapping[str, str]], field: str, tokenizer: Tokenizer, max_len: int, where: Sequence[str] | None
+    records: Sequence[Mapping[str, str]],
+    field: str,
+    tokenizer: Tokenizer,
+    max_len: int,
+    stats: TruncationStats,
+    where: Sequence[str] | None,
 ) -> list[list[int]]:
+    """The token ids of each record's ``field``, untruncated; counts their tokens and unknown tokens."""
     if max_len < 1:
         raise ValueError(f"the token budget of {field!r} must be >= 1, got {max_len}")
     ids = tokenizer.encode_batch([r[field] for r in records])
@@ -155,6 +194,9 @@ def _encode(
             # Valid text can still give no token: a tokenizer whose normaliser drops it (control or format
             # characters, for instance) would leave nothing to train on.
             raise DataError(where[i] if where is not None else f"record {i}", "tokenises to no tokens", field)
+        stats.tokens += len(x)
+        if tokenizer.unk_id is not None:
+            stats.unk_tokens += x.count(tokenizer.unk_id)
     return ids
 
 
@@ -166,7 +208,8 @@ def _prompts(
     where: Sequence[str] | None,
 ) -> list[list[int]]:
     out = []
-    for ids in _encode(records, "prompt", tokenizer, max_len, where):
+    for ids in _encode(records, "prompt", tokenizer, max_len, stats, where):
+        stats.prompt_lengths.append(len(ids))
         if len(ids) > max_len:
             stats.truncated_prompts += 1
             ids = ids[-max_len:]
@@ -183,8 +226,9 @@ def _responses(
     where: Sequence[str] | None,
 ) -> list[list[int]]:
     out = []
-    for ids in _encode(records, field, tokenizer, max_len, where):
+    for ids in _encode(records, field, tokenizer, max_len, stats, where):
         stats.responses += 1
+        stats.response_lengths.append(len(ids) + 1)  # with its EOS
         if len(ids) < max_len:  # the whole response and its EOS fit
             ids.append(tokenizer.eos_id)
         else:

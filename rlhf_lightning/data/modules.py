@@ -2,11 +2,16 @@
 
 Where the files come from: ``data_dir`` holds ``{sft,prefs,prompts}_{train,val,test}.jsonl``; when they are missing
 and ``generate_world`` is on, the embedded review world writes them there first (deterministically for its seed).
-Any file can be replaced by a user's own through ``train_file`` / ``val_file`` / ``eval_prompts_file``. The
-tokenizer is ``tokenizer_path`` (a tokenizer.json or a Hugging Face tokenizer directory) or, by default, a word-level
-tokenizer trained once on the corpus in ``data_dir`` and saved there.
+Any file can be replaced by a user's own through ``train_file`` / ``val_file`` / ``eval_prompts_file``.
 
-Records are read and validated once, tokenised once in ``setup`` (not per epoch) and kept as lists of examples.
+The tokenizer is ``tokenizer_path`` (a tokenizer.json or a Hugging Face tokenizer directory) or, by default, one
+trained on the training files in ``data_dir`` (see :meth:`RLHFDataModule.load_tokenizer`): on the embedded world its
+word-level tokenizer, cached in the world's folder; on a user's data a byte-level BPE, trained in ``setup`` and never
+written into ``data_dir`` (the phase saves it beside its checkpoints, and the pipeline's later phases load it there).
+
+Records are read and validated once, tokenised once in ``setup`` (not per epoch) and kept as lists of examples. Each
+tokenised file is checked before any training: a prompt or response that its length budget would cut is an error
+(or, with ``truncation: warn``, a warning), and so is a share of unknown tokens above ``max_unk_rate``.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ from typing import TYPE_CHECKING, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from rlhf_lightning.data.collate import (
     PreferenceExample,
+    TruncationStats,
     collate_pairs,
     collate_prompts,
     collate_sft,
+    fitting_length,
     tokenize_preferences,
     tokenize_prompts,
     tokenize_sft,
@@ -50,20 +58,42 @@ ResponseSampler = Callable[[list[dict[str, torch.Tensor]], int], tuple[list[list
 
 #: The default longest JSONL line, in bytes (see ``max_line_bytes`` of :class:`RLHFDataModule`).
 MAX_LINE_BYTES = 1 << 20
+#: The training files in ``data_dir`` a default tokenizer learns from (those present), and their kinds; never the
+#: val/test files, whose text the model must not have seen in any form.
+TOKENIZER_TRAIN_FILES = (
+    ("sft_train.jsonl", "sft"),
+    ("prefs_train.jsonl", "preference"),
+    ("prompts_train.jsonl", "prompt"),
+)
+#: The fewest tokens a byte-level BPE has: its 256 bytes and ``<pad>``, ``<eos>``.
+MIN_BPE_VOCAB = 258
 
 
 class RLHFDataModule(L.LightningDataModule):
     """What every phase's data has in common: the data folder, the world, the tokenizer, the evaluation prompts.
 
     Args:
-        data_dir: folder of the JSONL files (and of the trained tokenizer).
+        data_dir: folder of the JSONL files (and, for the embedded world only, of its tokenizer).
         generate_world: write the embedded world's files into ``data_dir`` when they are missing.
         world: the configuration of the generated world (seed, sizes, annotator knobs: a preset can build a flawed
             reward model on purpose by changing them); a data_dir holding a world written with another configuration
             is an error, so results never mix two worlds silently.
-        tokenizer_path: a tokenizer.json or Hugging Face tokenizer directory; None trains one on ``data_dir``.
+        tokenizer_path: a tokenizer.json or Hugging Face tokenizer directory; None trains one on ``data_dir``'s
+            training files (see :meth:`load_tokenizer`).
+        tokenizer_vocab_size: the most tokens of the byte-level BPE trained on a user's data (256 bytes and 2
+            specials included). 2048 by default: data small enough for this recipe (thousands of records) gives each
+            of ~1800 merges enough occurrences to learn an embedding for, a tiny model's embedding stays small
+            (2048 x d_model), and common words still become single tokens, so sequences stay short. Raise it for
+            more text; the trainer stops earlier when the text has no more pairs seen twice.
+        max_unk_rate: the largest share of unknown tokens (of a tokenizer that has one: word-level, or a loaded
+            one) a tokenised file may have; above it, setup raises, naming the file (text the tokenizer was not
+            trained on, whose words would all read alike); above 0, a warning gives the rate.
         batch_size: examples per training batch.
-        max_prompt_len, max_response_len: token budgets (see the truncation policy in data.collate).
+        max_prompt_len, max_response_len: token budgets (see the truncation policy in data.collate);
+            ``max_response_len`` counts the EOS.
+        truncation: what setup does when a budget would cut a prompt or response of a file: "error" raises (naming
+            the file, the setting, how many it cuts, and the budgets that keep 99% and all of them whole), so no
+            instruction or answer is lost silently; "warn" says the same in a warning and cuts as data.collate says.
         eval_prompts: how many responses validation samples, cycling through the held-out prompts.
         eval_prompts_file: JSONL of ``{"prompt"}`` records; default ``data_dir/prompts_val.jsonl``.
         on_error: "raise" on a malformed record, or "skip" it (counted and logged as data/skipped).
@@ -82,9 +112,12 @@ class RLHFDataModule(L.LightningDataModule):
         generate_world: bool = True,
         world: WorldConfig | None = None,
         tokenizer_path: str | None = None,
+        tokenizer_vocab_size: int = 2048,
+        max_unk_rate: float = 0.01,
         batch_size: int = 64,
         max_prompt_len: int = 16,
         max_response_len: int = 48,
+        truncation: Literal["error", "warn"] = "error",
         eval_prompts: int = 256,
         eval_prompts_file: str | None = None,
         on_error: Literal["raise", "skip"] = "raise",
@@ -92,6 +125,15 @@ class RLHFDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ):
         super().__init__()
+        if tokenizer_vocab_size < MIN_BPE_VOCAB:
+            raise ValueError(
+                f"data.init_args.tokenizer_vocab_size must be >= {MIN_BPE_VOCAB} (256 bytes and 2 special tokens), "
+                f"got {tokenizer_vocab_size}"
+            )
+        if not 0.0 <= max_unk_rate <= 1.0:
+            raise ValueError(f"data.init_args.max_unk_rate must be in [0, 1], got {max_unk_rate}")
+        if truncation not in ("error", "warn"):
+            raise ValueError(f"data.init_args.truncation must be 'error' or 'warn', got {truncation!r}")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.world = world or WorldConfig()
@@ -119,8 +161,13 @@ class RLHFDataModule(L.LightningDataModule):
                                     f"datasets folder {stem}/ there{hint}")  # fmt: skip
         return path
 
+    @property
+    def is_world(self) -> bool:
+        """Whether ``data_dir`` holds the embedded world (its world.json), rather than a user's own data."""
+        return (self.data_dir / WORLD_META).is_file()
+
     def prepare_data(self) -> None:
-        """Writes the world (when asked and missing) and trains the default tokenizer (when missing): rank 0 only."""
+        """Writes the world (when asked and missing) and its tokenizer (when missing): rank 0 only."""
         meta_path = self.data_dir / WORLD_META
         if self.hparams.generate_world and not meta_path.is_file():
             write_world(self.data_dir, self.world)
@@ -132,30 +179,48 @@ class RLHFDataModule(L.LightningDataModule):
                     f"{meta_path} was written with another world configuration than data.world asks for; "
                     "use another data_dir for this world (or set generate_world: false to use the files as they are)"
                 )
-        if self.hparams.tokenizer_path is None and not (self.data_dir / TOKENIZER_FILE).is_file():
-            self._train_tokenizer().save(self.data_dir)
+        if self.hparams.tokenizer_path is None and self.is_world and not (self.data_dir / TOKENIZER_FILE).is_file():
+            # Every word the world's grammar can produce, seen in the corpus or not: the tokenizer is the grammar's.
+            Tokenizer.train_word_level(self._training_texts(), extra_words=WORDS).save(self.data_dir)
 
-    def _train_tokenizer(self) -> Tokenizer:
+    def _training_texts(self) -> list[str]:
+        """Every string field of the training files in ``data_dir`` (:data:`TOKENIZER_TRAIN_FILES`), in a fixed order:
+        what a default tokenizer learns from."""
         texts = []
-        for path in sorted(self.data_dir.glob("*.jsonl")):
-            kind = "preference" if path.name.startswith("prefs") else "sft" if path.name.startswith("sft") else "prompt"
-            for rec in self._read_file(path, kind).records:
-                texts.extend(v for v in rec.values() if isinstance(v, str))
+        for name, kind in TOKENIZER_TRAIN_FILES:
+            try:
+                path = self.file(name)
+            except FileNotFoundError:  # a data set need not have every phase's file
+                continue
+            texts.extend(v for rec in self._read_file(path, kind).records for v in rec.values() if isinstance(v, str))
         if not texts:
-            raise FileNotFoundError(f"no JSONL files in {self.data_dir} to train a tokenizer on; set tokenizer_path")
-        extra: tuple[str, ...] = ()
-        if (self.data_dir / WORLD_META).is_file():
-            extra = WORDS  # every word the world's grammar can produce, seen in the corpus or not
-        return Tokenizer.train_word_level(texts, extra_words=extra)
+            names = ", ".join(name for name, _ in TOKENIZER_TRAIN_FILES)
+            raise FileNotFoundError(
+                f"no training file ({names}) in {self.data_dir} to train a tokenizer on; "
+                "set data.init_args.tokenizer_path"
+            )
+        return texts
 
     def load_tokenizer(self) -> Tokenizer:
+        """The tokenizer: ``tokenizer_path``'s; else, on the embedded world, its word-level tokenizer (which
+        prepare_data cached in its folder); else a byte-level BPE of ``tokenizer_vocab_size`` tokens trained on the
+        training files of ``data_dir``, kept in memory only: a user's folder is never written to. Training is
+        deterministic, so every rank trains the same one, and a later phase run alone on the same data trains the
+        one its checkpoint holds (on changed data, the phase's tokenizer check refuses the checkpoint)."""
         path = self.hparams.tokenizer_path
-        if path is None:
+        if path is not None:
+            try:
+                return Tokenizer.load(path)
+            except (FileNotFoundError, ValueError) as err:  # say which setting pointed there
+                raise type(err)(f"data.init_args.tokenizer_path: {err}") from err
+        if self.is_world:
             return Tokenizer.load(self.data_dir / TOKENIZER_FILE)
-        try:
-            return Tokenizer.load(path)
-        except (FileNotFoundError, ValueError) as err:  # say which setting pointed there
-            raise type(err)(f"tokenizer_path: {err}") from err
+        if (self.data_dir / TOKENIZER_FILE).is_file():  # e.g. the word-level tokenizer older versions cached there
+            rank_zero_warn(
+                f"{self.data_dir / TOKENIZER_FILE} is not used: a user's data gets a byte-level BPE trained on its "
+                "training files; set data.init_args.tokenizer_path to use that file instead"
+            )
+        return Tokenizer.train_byte_bpe(self._training_texts(), self.hparams.tokenizer_vocab_size)
 
     def _load_judge(self):
         meta_path = self.data_dir / WORLD_META
@@ -183,16 +248,50 @@ class RLHFDataModule(L.LightningDataModule):
             self.tokenizer = self.load_tokenizer()
             self.judge = self._load_judge()
 
+    def _check_tokenized(self, key: str, path: Path, stats: TruncationStats) -> None:
+        """Logs a tokenised file's figures as ``data/<figure>/<key>`` and applies ``max_unk_rate`` and ``truncation``
+        to it (see the class doc).
+
+        Raises:
+            ValueError: too many unknown tokens, or a budget would cut a text with ``truncation: error``.
+        """
+        h = self.hparams
+        for name, value in stats.figures().items():
+            self.data_stats[f"data/{name}/{key}"] = value
+        if stats.unk_rate > h.max_unk_rate:
+            raise ValueError(
+                f"{path}: {stats.unk_rate:.2%} of its tokens are the tokenizer's unknown token "
+                f"(data.init_args.max_unk_rate: {h.max_unk_rate}); the tokenizer was likely trained on other text, "
+                "e.g. a checkpoint's on other data: pass a tokenizer that matches this data in "
+                "data.init_args.tokenizer_path, or retrain from SFT on this data"
+            )
+        if stats.unk_rate > 0:
+            rank_zero_warn(f"{path}: {stats.unk_rate:.2%} of its tokens are the tokenizer's unknown token")
+        budgets = (("max_prompt_len", "prompts", stats.prompt_lengths, stats.truncated_prompts),
+                   ("max_response_len", "responses", stats.response_lengths, stats.truncated_responses))  # fmt: skip
+        for setting, what, lengths, cut in budgets:
+            if not cut:
+                continue
+            message = (
+                f"{path}: data.init_args.{setting}: {h[setting]} would cut {cut} of {len(lengths)} {what}; "
+                f"{fitting_length(lengths, 0.99)} keeps 99% of them whole, {max(lengths)} all"
+            )
+            if h.truncation == "error":
+                raise ValueError(f"{message} (or set data.init_args.truncation: warn to cut them)")
+            rank_zero_warn(f"{message}; cutting them (prompts keep their last tokens, responses their first)")
+
     # -- evaluation prompts ------------------------------------------------------------------------------------------
     def eval_prompts(self) -> tuple[list[str], dict[str, torch.Tensor]]:
         """The fixed held-out prompts validation samples for: their texts and a left-padded batch."""
         if self._eval is None:
-            records, where = self._read("prompts_val.jsonl", "prompt", self.hparams.eval_prompts_file)
+            name, override = "prompts_val.jsonl", self.hparams.eval_prompts_file
+            records, where = self._read(name, "prompt", override)
+            examples, stats = tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len, where)
+            self._check_tokenized("prompts_val", self.file(name, override), stats)
             # Cycle through the prompts up to eval_prompts samples: a small prompt set still gives a stable figure.
             cycle = [i % len(records) for i in range(self.hparams.eval_prompts)]
-            records, where = [records[i] for i in cycle], [where[i] for i in cycle]
-            examples = tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len, where)[0]
-            self._eval = ([r["prompt"] for r in records], collate_prompts(examples, self.tokenizer.pad_id))
+            batch = collate_prompts([examples[i] for i in cycle], self.tokenizer.pad_id)
+            self._eval = ([records[i]["prompt"] for i in cycle], batch)
         return self._eval
 
     def train_prompt_batch(self, n: int, seed: int) -> dict[str, torch.Tensor]:
@@ -247,13 +346,13 @@ class _SplitDataModule(RLHFDataModule):
         if self.train_examples:
             return
         for split, override in (("train", self.hparams.train_file), ("val", self.hparams.val_file)):
-            records, where = self._read(f"{self.PREFIX}_{split}.jsonl", self.KIND, override)
+            name = f"{self.PREFIX}_{split}.jsonl"
+            records, where = self._read(name, self.KIND, override)
             if split == "train":
                 self.train_prompts = list(dict.fromkeys(r["prompt"] for r in records))
             examples, stats = self.tokenize(records, where)
+            self._check_tokenized(f"{self.PREFIX}_{split}", self.file(name, override), stats)
             setattr(self, f"{split}_examples", examples)
-            for key, value in asdict(stats).items():
-                self.data_stats[f"data/{key}/{self.PREFIX}_{split}"] = float(value)
             self.on_split_loaded(split, records)
 
     def on_split_loaded(self, split: str, records: list[dict[str, str]]) -> None:
@@ -454,10 +553,9 @@ class PromptDataModule(RLHFDataModule):
             return
         records, where = self._read("prompts_train.jsonl", "prompt", self.hparams.train_file)
         examples, stats = tokenize_prompts(records, self.tokenizer, self.hparams.max_prompt_len, where)
+        self._check_tokenized("prompts_train", self.file("prompts_train.jsonl", self.hparams.train_file), stats)
         self.train_prompts = [r["prompt"] for r in records]
         self._train = examples
-        for key, value in asdict(stats).items():
-            self.data_stats[f"data/{key}/prompts_train"] = float(value)
 
     def rollout_prompts(
         self, iteration: int, n: int, seed: int, rank: int = 0, world_size: int = 1

@@ -1,8 +1,13 @@
 """The tokenizer every phase shares: a thin wrapper around a Rust ``tokenizers.Tokenizer`` that knows its EOS and pad.
 
-Two sources: a word-level tokenizer trained here on the corpus (the default for the embedded world, whose text is
-words from a known vocabulary), or any local ``tokenizer.json`` / Hugging Face tokenizer directory. Nothing is ever
-downloaded.
+Three sources, nothing ever downloaded:
+
+- :meth:`Tokenizer.train_word_level`: one id per word, for the embedded world, whose text is words of a known
+  grammar (~80 words: short sequences, and the gold judge and every calibrated default are tuned to
+  them). It has an ``<unk>`` for any other word, so it does not suit other text.
+- :meth:`Tokenizer.train_byte_bpe`: a byte-level BPE, the default for a user's own text. Every byte has a token,
+  so nothing is unknown and decoding gives the text back exactly.
+- any local ``tokenizer.json`` / Hugging Face tokenizer directory (:meth:`Tokenizer.load`).
 
 Encoding never adds special tokens (no BOS/EOS post-processing, no truncation, no padding, whatever the loaded
 ``tokenizer.json`` says): where EOS goes and how sequences are cut is the data layer's policy
@@ -22,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from rlhf_lightning.io import atomic_open
 
@@ -62,6 +67,7 @@ class Tokenizer:
         self.eos_token, self.pad_token = eos_token, pad_token
         self._eos_id, self._pad_id = backend.token_to_id(eos_token), backend.token_to_id(pad_token)
         self._vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+        self._unk_id = _unk_id(backend)
 
     # -- construction ------------------------------------------------------------------------------------------------
     @classmethod
@@ -92,6 +98,42 @@ class Tokenizer:
         backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=UNK))
         backend.pre_tokenizer = split
         backend.add_special_tokens([PAD, EOS])
+        return cls(backend, EOS, PAD)
+
+    @classmethod
+    def train_byte_bpe(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        """A byte-level BPE (as GPT-2's) of at most ``vocab_size`` tokens, learnt from ``texts``.
+
+        Text is split into GPT-2's pre-tokens (words with their leading space, digit runs, punctuation runs, whitespace
+        runs) and each pre-token's UTF-8 bytes are merged by the learnt merges. All 256 bytes are in the vocabulary
+        whether the texts use them or not, so any text encodes without ``<unk>`` (there is none) and, as no
+        normaliser or prefix space is added, decode(encode(t)) == t exactly: whitespace runs, capitals, accents,
+        emoji, CJK, tabs and newlines included. The one exception is the literal text of a special token
+        (``<pad>``, ``<eos>``), which is recognised as that token (see the module doc) and dropped by decoding.
+
+        Ids: ``<pad>`` 0, ``<eos>`` 1, the 256 bytes in code-point order of their printable stand-ins, then one per
+        merge in the order learnt. A merge is learnt only from a pair seen at least twice: on small data, merges of
+        pairs seen once would spend the vocabulary on memorising single long words. Training is deterministic (the
+        Rust trainer breaks ties between equally frequent pairs by their ids, never by a hash map's order), so the
+        same texts in the same order give a byte-identical tokenizer.json in every process, and every rank of a run
+        can train its own.
+
+        Args:
+            texts: the corpus.
+            vocab_size: the most tokens, specials and the 256 bytes included; fewer when the texts run out of
+                pairs seen twice.
+        """
+        backend = tokenizers.Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=2,
+            special_tokens=[PAD, EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator(texts, trainer)
         return cls(backend, EOS, PAD)
 
     @classmethod
@@ -155,6 +197,12 @@ class Tokenizer:
         return self._vocab_size
 
     @property
+    def unk_id(self) -> int | None:
+        """The id of the unknown token (what a word outside the vocabulary becomes); None when the tokenizer has none
+        (a byte-level BPE)."""
+        return self._unk_id
+
+    @property
     def eos_id(self) -> int:
         return self._eos_id
 
@@ -186,6 +234,15 @@ class Tokenizer:
     def decode_batch(self, ids: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
         """:meth:`decode` of each sequence, in parallel in Rust."""
         return self.backend.decode_batch([list(x) for x in ids], skip_special_tokens=skip_special_tokens)
+
+
+def _unk_id(backend: tokenizers.Tokenizer) -> int | None:
+    """The unknown token's id, as the tokenizer.json's model names it: ``unk_token`` (word-level, BPE, WordPiece) or
+    ``unk_id`` (Unigram); None for a model without one."""
+    model = json.loads(backend.to_str())["model"]
+    if model.get("unk_id") is not None:
+        return model["unk_id"]
+    return backend.token_to_id(model["unk_token"]) if model.get("unk_token") else None
 
 
 def _read_specials(file: Path) -> dict[str, str]:

@@ -16,6 +16,7 @@ from rlhf_lightning.data import (
     collate_pairs,
     collate_prompts,
     collate_sft,
+    fitting_length,
     tokenize_preferences,
     tokenize_prompts,
     tokenize_sft,
@@ -49,7 +50,10 @@ def test_truncation_policy(tok: Tokenizer) -> None:
         SFTExample(ids(tok, "g"), ids(tok, "a b c")),  # the response keeps its beginning
         SFTExample(ids(tok, "f"), [*ids(tok, "g"), EOS]),
     ]
-    assert stats == TruncationStats(examples=4, responses=4, truncated_prompts=1, truncated_responses=2)
+    assert stats == TruncationStats(
+        examples=4, responses=4, truncated_prompts=1, truncated_responses=2, tokens=21,
+        prompt_lengths=[5, 3, 1, 1], response_lengths=[3, 4, 6, 2],  # responses counted with their EOS
+    )  # fmt: skip
 
 
 def test_preference_and_prompt_policy(tok: Tokenizer) -> None:
@@ -62,11 +66,32 @@ def test_preference_and_prompt_policy(tok: Tokenizer) -> None:
         PreferenceExample(ids(tok, "b c"), [*ids(tok, "d"), EOS], ids(tok, "d e f")),
         PreferenceExample(ids(tok, "g"), [*ids(tok, "e f"), EOS], [*ids(tok, "f"), EOS]),
     ]
-    assert stats == TruncationStats(examples=2, responses=4, truncated_prompts=1, truncated_responses=1)
+    assert stats == TruncationStats(
+        examples=2, responses=4, truncated_prompts=1, truncated_responses=1, tokens=11,
+        prompt_lengths=[3, 1], response_lengths=[2, 3, 4, 2],  # all chosen, then all rejected
+    )  # fmt: skip
 
     prompts, stats = tokenize_prompts(records, tok, max_prompt_len=2)
     assert prompts == [PromptExample(ids(tok, "b c")), PromptExample(ids(tok, "g"))]
-    assert stats == TruncationStats(examples=2, truncated_prompts=1)
+    assert stats == TruncationStats(examples=2, truncated_prompts=1, tokens=4, prompt_lengths=[3, 1])
+
+
+def test_unknown_tokens_are_counted_before_truncation(tok: Tokenizer) -> None:
+    records = [{"prompt": "a zz b", "response": "qq qq c d"}]
+    stats = tokenize_sft(records, tok, max_prompt_len=1, max_response_len=2)[1]
+    assert (stats.tokens, stats.unk_tokens, stats.unk_rate) == (7, 3, 3 / 7)
+    assert stats.figures() == {
+        "examples": 1.0, "responses": 1.0, "truncated_prompts": 1.0, "truncated_responses": 1.0, "unk_rate": 3 / 7,
+    }  # fmt: skip
+    assert TruncationStats().unk_rate == 0.0
+
+
+def test_fitting_length() -> None:
+    lengths = list(range(1, 201))  # 1 .. 200
+    assert fitting_length(lengths, 0.99) == 198  # 198 of 200 fit: 99%
+    assert fitting_length(lengths, 1.0) == 200
+    assert fitting_length([7], 0.99) == 7
+    assert fitting_length([3, 9, 1], 0.5) == 3
 
 
 def test_empty_tokenisation_and_budgets(tok: Tokenizer) -> None:

@@ -1,8 +1,12 @@
-"""The tokenizer wrapper: local word-level training, loading (ours and Hugging Face directories), ids preserved."""
+"""The tokenizer wrapper: local word-level and byte-level BPE training, loading (ours and Hugging Face directories),
+ids preserved."""
 
+import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,3 +167,67 @@ def test_load_errors(word: Tokenizer, tmp_path: Path) -> None:
     broken.write_text('{"model": 1}')
     with pytest.raises(ValueError, match=re.escape(f"{broken} is not a valid tokenizer.json")):
         Tokenizer.load(broken.parent)
+
+
+# -- byte-level BPE --------------------------------------------------------------------------------------------------
+#: Text a user's data may hold: every kind of character and spacing the byte-level BPE must give back exactly.
+UNICODE = [
+    "Hello, World! How's it going?",
+    "  two leading spaces, two trailing  ",
+    "tabs\tand\t\ttabs; newlines\nand\r\nCRLF\n\n",
+    "Digits: 3.14159, 2024-06-01, $19.99 (42%).",
+    "Accents: café, naïve, résumé, Zürich, São Paulo, Ångström, façade.",
+    "Emoji: 😀 👍🏽 🚀 ☕ and a family 👨‍👩‍👧 (ZWJ).",
+    "CJK: 日本語のテキスト, 中文文本, 한국어 텍스트.",
+    "Punctuation runs!!! ... — « » “quotes” ‘single’ ¿qué? (a) [b] {c} <d> @#&*",
+    "ALL CAPS and MiXeD cAsE",
+]
+#: Never in any training text: letters, scripts and symbols the tokenizer sees first at encoding time.
+UNSEEN = ["ẞ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ไทย Ελληνικά עברית", "\x00\x07\u200b\ufeff", "e\u0301 combining", "🦀🧬", " ", "\n"]
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    return Tokenizer.train_byte_bpe(UNICODE * 3, vocab_size=400)
+
+
+def test_byte_bpe_round_trip_is_exact_and_never_unknown(bpe: Tokenizer) -> None:
+    vocab = bpe.backend.get_vocab()
+    assert (bpe.pad_id, bpe.eos_id) == (0, 1) and bpe.unk_id is None and "<unk>" not in vocab
+    assert len(vocab) > 258  # the 256 bytes, the 2 specials and learnt merges
+    for text in UNICODE + UNSEEN:
+        ids = bpe.encode(text)
+        assert bpe.decode(ids) == text, text
+        assert all(0 <= i < bpe.vocab_size for i in ids) and bpe.eos_id not in ids and bpe.pad_id not in ids
+    assert bpe.decode_batch(bpe.encode_batch(UNICODE + UNSEEN)) == UNICODE + UNSEEN
+    assert len(bpe.encode(UNICODE[0])) < len(UNICODE[0].encode())  # learnt merges: fewer tokens than bytes
+
+
+def test_byte_bpe_vocabulary_size_and_merges_of_pairs_seen_twice() -> None:
+    assert Tokenizer.train_byte_bpe(UNICODE * 3, vocab_size=300).vocab_size == 300
+    assert Tokenizer.train_byte_bpe(["xyzzy"], vocab_size=400).vocab_size == 258  # each pair seen once: no merge
+    twice = Tokenizer.train_byte_bpe(["xyzzy xyzzy"], vocab_size=400)
+    assert twice.vocab_size > 258 and len(twice.encode("xyzzy")) == 1
+
+
+def test_byte_bpe_is_byte_identical_across_processes(bpe: Tokenizer) -> None:
+    # The Rust trainer's hash maps are seeded per process, Python's by PYTHONHASHSEED: neither may show in the file.
+    code = (
+        "import hashlib, json, sys; from rlhf_lightning.data import Tokenizer; "
+        "t = Tokenizer.train_byte_bpe(json.loads(sys.argv[1]), 400); "
+        "print(hashlib.sha256(t.to_json_str().encode()).hexdigest())"
+    )
+    digests = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": os.pathsep.join(sys.path)}
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(UNICODE * 3)], env=env, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        digests.add(out.stdout.strip())
+    assert digests == {hashlib.sha256(bpe.to_json_str().encode()).hexdigest()}
+
+
+def test_unk_id_of_each_model() -> None:
+    assert Tokenizer.train_word_level(CORPUS).unk_id == 2
+    assert Tokenizer.train_byte_bpe(CORPUS, 300).unk_id is None
+    unigram = tokenizers.Tokenizer(models.Unigram([("<eos>", 0.0), ("<unk>", 0.0), ("a", -1.0)], unk_id=1))
+    assert Tokenizer(unigram, "<eos>").unk_id == 1
