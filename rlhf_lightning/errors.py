@@ -70,7 +70,7 @@ def condense(message: str) -> str:
 
 def user_message(err: BaseException) -> str:
     """The one line that reports ``err`` (one of :data:`USER_ERRORS`)."""
-    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+    if isinstance(err, OSError) and err.strerror and str(err).startswith("[Errno"):
         # A bare OSError reads "[Errno 17] File exists: 'run'": say it without the errno.
-        return f"{err.filename}: {err.strerror.lower()}" if str(err).startswith("[Errno") else str(err)
+        return f"{err.filename}: {err.strerror.lower()}" if err.filename is not None else err.strerror
     return condense(str(err))

@@ -78,7 +78,10 @@ def test_a_missing_data_file_of_a_late_phase_fails_before_sft_trains(user_data, 
     (data / "prefs_val.jsonl").unlink()
     out = tmp_path / "run"
     message = one_line_error(capsys, ["pipeline", "--out", str(out), "--data-dir", str(data)])
-    assert message.startswith(f"rm phase: data file {data / 'prefs_val.jsonl'} does not exist")
+    assert message == (
+        f"rm phase: data file {data / 'prefs_val.jsonl'} does not exist, nor prefs_val.parquet or a datasets "
+        "folder prefs_val/ there"
+    )
     assert not out.exists()
 
 
@@ -164,4 +167,5 @@ def test_condense_keeps_the_setting_and_the_reason(message, line):
 
 def test_an_os_error_reads_without_its_errno():
     assert user_message(FileExistsError(17, "File exists", "run")) == "run: file exists"
+    assert user_message(OSError(28, "No space left on device")) == "No space left on device"
     assert user_message(FileNotFoundError("data file x does not exist")) == "data file x does not exist"

@@ -156,7 +156,9 @@ class RLHFDataModule(L.LightningDataModule):
         stem = name.removesuffix(".jsonl")
         path = find_data_file(self.data_dir, stem)
         if path is None:
-            hint = " (set generate_world: true to write the embedded world there)"
+            # A folder the world wrote (world.json) lacks a file only when it was deleted; a user's folder needs it.
+            world = (self.data_dir / WORLD_META).is_file() or self.hparams.generate_world
+            hint = " (set generate_world: true to write the embedded world there)" if world else ""
             raise FileNotFoundError(f"data file {self.data_dir / name} does not exist, nor {stem}{PARQUET} or a "
                                     f"datasets folder {stem}/ there{hint}")  # fmt: skip
         return path

@@ -336,7 +336,13 @@ def test_data_modules_read_parquet_and_dataset_folders(tmp_path):
     write(data / "prompts_train", LAYOUTS["prompt_standard"][1], "dataset")
     texts = [v for _, _, own in LAYOUTS.values() for r in own or [] for v in r.values()] + ["the kettle ? a lamp ?"]
     Tokenizer.train_word_level(texts).save(tmp_path / "tok")
-    common = {"data_dir": str(data), "generate_world": False, "tokenizer_path": str(tmp_path / "tok"), "batch_size": 2}
+    common = {
+        "data_dir": str(data),
+        "generate_world": False,
+        "tokenizer_path": str(tmp_path / "tok"),
+        "batch_size": 2,
+        "max_prompt_len": 32,
+    }  # the default template renders a conversation into more than 16 tokens
 
     sft = SFTDataModule(**common, eval_prompts=2)
     sft.prepare_data()

@@ -223,7 +223,7 @@ def test_write_jsonl_whose_records_fail_midway_leaves_the_old_file_or_none(tmp_p
     assert os.listdir(tmp_path) == ["old.jsonl"]
 
 
-def test_rlhf_world_failing_midway_leaves_no_complete_looking_world(tmp_path, monkeypatch):
+def test_rlhf_world_failing_midway_leaves_no_complete_looking_world(tmp_path, monkeypatch, capsys):
     import rlhf_lightning.world.writer as writer
 
     written = []
@@ -236,8 +236,9 @@ def test_rlhf_world_failing_midway_leaves_no_complete_looking_world(tmp_path, mo
 
     monkeypatch.setattr(writer, "write_jsonl", fail_on_the_fourth)
     out = tmp_path / "world"
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(SystemExit):
         main(["world", "--out", str(out)])
+    assert capsys.readouterr().err == "rlhf: error: No space left on device\n"
     # world.json is what says a world is complete; without it the data modules write the world again.
     assert sorted(p.name for p in out.iterdir()) == sorted(written)
     for name in written:  # each file that exists is whole: every line a valid record

@@ -108,7 +108,7 @@ def test_the_tokenizer_learns_from_the_training_files_only(unicode_dir: Path, tm
 
 
 def test_every_phase_trains_the_same_tokenizer_and_changed_data_is_refused(
-    unicode_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    unicode_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the config's paths (runs/...) are relative
     data = [f"--data.init_args.data_dir={unicode_dir}", "--data.init_args.generate_world=false"]
@@ -123,9 +123,11 @@ def test_every_phase_trains_the_same_tokenizer_and_changed_data_is_refused(
         )
 
     write_jsonl(unicode_dir / "prompts_train.jsonl", [{"prompt": "Entirely new text: Ωmega 🦀!"}] * 3)
-    with pytest.raises(ValueError, match=re.escape(f"the data module's tokenizer differs from the one of {ckpt}")):
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
         cli_main(["fit", "-c", str(CONFIGS / "rm.yaml"), *data, f"--model.init_args.sft_checkpoint={ckpt}",
                   "--data.init_args.max_prompt_len=32", "--trainer.max_steps=1"])  # fmt: skip
+    assert f"rlhf: error: the data module's tokenizer differs from the one of {ckpt}" in capsys.readouterr().err
     assert not (tmp_path / "runs/rm/checkpoints").exists()
 
 
