@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import yaml
 from jsonargparse import ArgumentError
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from rlhf_lightning.checkpoint import AtomicCheckpointIO, check_whole, load_checkpoint
@@ -93,10 +93,11 @@ class _CheckCLI(RLHFCLI):
         return None
 
 
-def check_command(words: list[str], tokenizer: Tokenizer | None = None) -> LightningDataModule:
+def check_command(words: list[str], tokenizer: Tokenizer | None = None) -> tuple[LightningModule, LightningDataModule]:
     """Parses a ``fit``/``validate``/... command line ``words`` (without the program name) and builds its module and
     data module as the command would, without a trainer and without running anything; raises what the command would
-    raise on its configuration. Returns the data module, not set up, holding ``tokenizer`` when one is given."""
+    raise on its configuration. Returns the module and the data module (not set up; holding ``tokenizer`` when one is
+    given)."""
     if not words or words[0] not in LIGHTNING_COMMANDS:
         raise ValueError(f"check_command: expected one of {LIGHTNING_COMMANDS} first, got {words[:1]}")
     seed_log = logging.getLogger("lightning.fabric.utilities.seed")
@@ -109,7 +110,7 @@ def check_command(words: list[str], tokenizer: Tokenizer | None = None) -> Light
         seed_log.setLevel(level)
     if tokenizer is not None:
         cli.datamodule.tokenizer = tokenizer
-    return cli.datamodule
+    return cli.model, cli.datamodule
 
 
 def renamed_keys(argv: list[str]) -> list[tuple[str, str]]:

@@ -38,7 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -335,10 +335,10 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
     """
     args = _parse_args(argv)
     out = args.out.resolve()
-    check_phases(args)
+    sized = check_phases(args)
     if args.seeds is None:
-        return run_pipeline(args, out, args.seed)
-    runs = {seed: run_pipeline(args, out / f"seed_{seed}", seed) for seed in args.seeds}
+        return run_pipeline(args, out, args.seed, sized)
+    runs = {seed: run_pipeline(args, out / f"seed_{seed}", seed, sized) for seed in args.seeds}
     study = summarize_seeds(runs)
     table = seeds_table(study)
     with atomic_open(out / "summary.json") as f:
@@ -350,8 +350,11 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
     return study
 
 
-def phase_plan(args: argparse.Namespace, out: Path, seed: int | None) -> list[tuple[str, list[str] | None]]:
-    """Per phase, in order, its ``rlhf fit`` arguments, run from inside ``out`` (None: skipped, checkpoint given).
+def phase_plan(
+    args: argparse.Namespace, out: Path, seed: int | None, sized: dict[str, list[str]] | None = None
+) -> list[tuple[str, list[str] | None]]:
+    """Per phase, in order, its ``rlhf fit`` arguments, run from inside ``out`` (None: skipped, checkpoint given),
+    with the overrides ``sized`` of :func:`sized_lengths` (per phase) before the user's own.
 
     The preset's partial configs are written under ``out/preset/``.
     """
@@ -381,16 +384,17 @@ def phase_plan(args: argparse.Namespace, out: Path, seed: int | None) -> list[tu
     commands = []
     for phase, run, phase_args in plan:
         config = str(getattr(args, f"{phase}_config").resolve())
-        # The seeds come before the user's own overrides, which win.
-        cmd = ["fit", "-c", config, *extra[phase], *data, *seeding[phase], *phase_args,
-               *shlex.split(getattr(args, f"{phase}_args"))]  # fmt: skip
+        # The seeds and the sized lengths come before the user's own overrides, which win.
+        cmd = ["fit", "-c", config, *extra[phase], *data, *seeding[phase], *(sized or {}).get(phase, []),
+               *phase_args, *shlex.split(getattr(args, f"{phase}_args"))]  # fmt: skip
         commands.append((phase, cmd if run else None))
     return commands
 
 
-def check_phases(args: argparse.Namespace) -> None:
+def check_phases(args: argparse.Namespace) -> dict[str, list[str]]:
     """Builds every phase that will run — its config with the preset and overrides, its module and data module —
     without training, and with ``--data-dir`` reads and tokenises all of its data; raises the first mistake.
+    Returns the per-phase overrides of the length budgets sized to ``--data-dir`` (:func:`sized_lengths`).
 
     It runs in a temporary folder standing in for the run directory, so a failed check leaves nothing behind. The
     checkpoints the earlier phases will write are empty stand-in files there: a module only checks, when it is
@@ -399,26 +403,83 @@ def check_phases(args: argparse.Namespace) -> None:
     """
     from rlhf_lightning.cli import check_command
 
+    seed = args.seed if args.seeds is None else args.seeds[0]
     with tempfile.TemporaryDirectory(prefix="rlhf-check-") as tmp, _phase_context(Path(tmp)):
         for stand_in in ("runs/sft/checkpoints/last.ckpt", "runs/rm/checkpoints/last.ckpt"):
             Path(stand_in).parent.mkdir(parents=True)
             Path(stand_in).touch()
+        sized: dict[str, list[str]] = {}
+        plan = dict(phase_plan(args, Path(tmp), seed))
+        # Sized only where a TinyGPT is trained here (its max_seq_len is a setting): a reused SFT checkpoint or a
+        # Hugging Face model fixes the positions, and the configs' budgets are checked against the data as they are.
+        if args.data_dir is not None and plan["sft"] is not None and args.hf_model is None:
+            sized = _phase_errors(
+                "sft", lambda: sized_lengths(*check_command(plan["sft"]), check_command(plan["ppo"])[0])
+            )
         tokenizer = None
-        for phase, cmd in phase_plan(args, Path(tmp), args.seed if args.seeds is None else args.seeds[0]):
+        for phase, cmd in phase_plan(args, Path(tmp), seed, sized):
             if cmd is None:
                 continue
-            try:
-                datamodule = check_command(cmd, tokenizer)
+
+            def check(cmd: list[str] = cmd) -> None:
+                nonlocal tokenizer
+                _, datamodule = check_command(cmd, tokenizer)
                 if args.data_dir is not None:
                     datamodule.prepare_data()
                     datamodule.setup("fit")
                     tokenizer = tokenizer or datamodule.tokenizer
-            except USER_ERRORS as err:
-                raise UsageError(f"{phase} phase: {user_message(err)}") from err
+
+            _phase_errors(phase, check)
+    if sized:
+        print(f"[pipeline] lengths sized to {args.data_dir}: {' '.join(sized['sft'])}")
+    return sized
 
 
-def run_pipeline(args: argparse.Namespace, out: Path, seed: int | None) -> dict[str, Any]:
-    """The recipe once, in run directory ``out``, with the seeds of ``seed`` (see :func:`seed_args`).
+def _phase_errors(phase: str, check: Callable[[], Any]) -> Any:
+    """``check()``, a user error in it reported as the phase's."""
+    try:
+        return check()
+    except USER_ERRORS as err:
+        raise UsageError(f"{phase} phase: {user_message(err)}") from err
+
+
+#: The longest budgets (tokens) :func:`sized_lengths` gives: longer texts are cut, with a warning, rather than a tiny
+#: model on a CPU made to attend over thousands of positions for the sake of 1% of the records.
+MAX_SIZED_PROMPT, MAX_SIZED_RESPONSE = 256, 256
+
+
+def sized_lengths(sft: Any, sft_data: Any, ppo: Any) -> dict[str, list[str]]:
+    """Per phase, the overrides that size the length budgets to a user's data (``--data-dir``): every prompt and
+    response of every file, tokenised by the SFT data module ``sft_data`` (the SFT module ``sft`` and the PPO module
+    ``ppo`` give the configured budgets); a budget is the 99th percentile of its lengths, capped at
+    :data:`MAX_SIZED_PROMPT` / :data:`MAX_SIZED_RESPONSE`, and never below the config's. When that cuts some texts,
+    ``truncation: warn`` (each file's cuts are then warned about with their counts). Responses sampled during
+    training (SFT's evaluation, the reward model's normalisation samples, PPO's rollouts) get the response budget,
+    and the TinyGPT's ``max_seq_len`` holds a prompt and a response."""
+    from rlhf_lightning.data.collate import fitting_length
+
+    sft_data.tokenizer = sft_data.load_tokenizer()
+    prompts, responses = sft_data.text_lengths()
+    h = sft_data.hparams
+    p = max(min(fitting_length(prompts, 0.99), MAX_SIZED_PROMPT), 1)
+    r = max(min(fitting_length(responses, 0.99), MAX_SIZED_RESPONSE), 2)
+    p, r = max(p, h.max_prompt_len), max(r, h.max_response_len, ppo.sampling.max_new_tokens)
+    data = [f"--data.init_args.max_prompt_len={p}", f"--data.init_args.max_response_len={r}"]
+    if max(prompts) > p or max(responses) > r:
+        data.append("--data.init_args.truncation=warn")
+    return {
+        "sft": [*data, f"--model.init_args.backbone.max_seq_len={max(p + r, sft.backbone_config.max_seq_len)}",
+                f"--model.init_args.eval_sampling.max_new_tokens={r}"],
+        "rm": [*data, f"--model.init_args.norm_sampling.max_new_tokens={r}"],
+        "ppo": [*data, f"--model.init_args.sampling.max_new_tokens={r}"],
+    }  # fmt: skip
+
+
+def run_pipeline(
+    args: argparse.Namespace, out: Path, seed: int | None, sized: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
+    """The recipe once, in run directory ``out``, with the seeds of ``seed`` (see :func:`seed_args`) and the sized
+    lengths ``sized`` (see :func:`check_phases`).
 
     When ``out`` did not exist and the run fails before any phase has written a checkpoint, ``out`` is removed:
     a failed start leaves nothing behind.
@@ -426,21 +487,23 @@ def run_pipeline(args: argparse.Namespace, out: Path, seed: int | None) -> dict[
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _run_phases(args, out, seed)
+        return _run_phases(args, out, seed, sized)
     except BaseException:
         if created and not any(out.glob("runs/*/checkpoints/*.ckpt")):
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _run_phases(args: argparse.Namespace, out: Path, seed: int | None) -> dict[str, Any]:
+def _run_phases(
+    args: argparse.Namespace, out: Path, seed: int | None, sized: dict[str, list[str]] | None
+) -> dict[str, Any]:
     from rlhf_lightning.cli import main as rlhf_main
 
     for path in args.preset:
         print(f"[pipeline] preset {path}: {str(load_preset(path).get('description', '')).strip()}")
     timings: dict[str, float] = {}
     with _phase_context(out):
-        for phase, cmd in phase_plan(args, out, seed):
+        for phase, cmd in phase_plan(args, out, seed, sized):
             if cmd is None:
                 print(f"[pipeline] {phase}: skipped (checkpoint given)")
                 continue

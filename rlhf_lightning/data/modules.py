@@ -42,7 +42,7 @@ from rlhf_lightning.data.collate import (
     tokenize_sft,
 )
 from rlhf_lightning.data.formats import PARQUET, chat_template_of, find_data_file, locations, read_records
-from rlhf_lightning.data.jsonl import JsonlData
+from rlhf_lightning.data.jsonl import SCHEMAS, JsonlData
 from rlhf_lightning.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from rlhf_lightning.world import WORDS, Annotators, GoldJudge, JudgeConfig, WorldConfig, write_world
 from rlhf_lightning.world.annotators import Ended
@@ -65,6 +65,9 @@ TOKENIZER_TRAIN_FILES = (
     ("prefs_train.jsonl", "preference"),
     ("prompts_train.jsonl", "prompt"),
 )
+#: Every phase's files (name in data_dir, kind of record), training and validation splits.
+FILES = tuple((f"{prefix}_{split}.jsonl", kind) for prefix, kind in (("sft", "sft"), ("prefs", "preference"),
+              ("prompts", "prompt")) for split in ("train", "val"))  # fmt: skip
 #: The fewest tokens a byte-level BPE has: its 256 bytes and ``<pad>``, ``<eos>``.
 MIN_BPE_VOCAB = 258
 
@@ -249,6 +252,23 @@ class RLHFDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = self.load_tokenizer()
             self.judge = self._load_judge()
+
+    def text_lengths(self) -> tuple[list[int], list[int]]:
+        """The token lengths of every prompt, and of every response with its EOS, in data_dir's training and
+        validation files of all three kinds (those that exist): what every phase's length budgets must hold. Needs
+        the tokenizer (``setup``)."""
+        prompts: list[int] = []
+        responses: list[int] = []
+        for name, kind in FILES:
+            try:
+                path = self.file(name)
+            except FileNotFoundError:  # a data set need not have every phase's files
+                continue
+            records = self._read_file(path, kind).records
+            prompts += map(len, self.tokenizer.encode_batch([r["prompt"] for r in records]))
+            for field in SCHEMAS[kind][1:]:  # the responses: a prompt record has none
+                responses += [len(ids) + 1 for ids in self.tokenizer.encode_batch([r[field] for r in records])]
+        return prompts, responses
 
     def _check_tokenized(self, key: str, path: Path, stats: TruncationStats) -> None:
         """Logs a tokenised file's figures as ``data/<figure>/<key>`` and applies ``max_unk_rate`` and ``truncation``
