@@ -136,6 +136,36 @@ def test_summary_records_the_best_gold_along_the_run(monkeypatch, tmp_path):
     assert s["best_gold_reward_ppo"] is s["best_gold_iteration"] is s["final_over_best_gold"] is None
 
 
+def test_summary_without_a_gold_judge_says_so_once_and_prints_no_none(monkeypatch, tmp_path, capsys):
+    # a user's own data: the PPO phase logs proxy figures only, and the reward model has no Bayes accuracy
+    logged = {"eval/proxy_reward": {1: 0.4}, "eval/sft_proxy_reward": {1: 0.1}, "objective/kl": {0: 0.0, 1: 0.2},
+              "objective/kl_coef": {0: 0.05, 1: 0.05}, "diversity/distinct_2": {1: 0.9}, "rm/accuracy": {4: 0.7},
+              "rm/baseline_accuracy": {4: 0.6}}  # fmt: skip
+    monkeypatch.setattr(pipeline, "read_scalars", lambda run_dir: logged)
+    (tmp_path / "runs" / "rm").mkdir(parents=True)
+    s = {**pipeline.summarize(tmp_path), "seconds": {"ppo": 1.0}, "run_dir": str(tmp_path)}
+    assert s["gold_reward_ppo"] is s["win_rate_vs_sft"] is s["rm_bayes_accuracy"] is None  # summary.json: nulls
+    pipeline._print_summary(s)
+    printed = capsys.readouterr().out
+    assert printed.count("no gold judge for this data: gold reward and win rate are not measured") == 1
+    assert "None" not in printed and "nan" not in printed
+    assert "gold reward  " not in printed and "win rate vs SFT" not in printed and "best gold" not in printed
+    assert "proxy reward     SFT 0.100  ->  PPO 0.400" in printed
+    assert "reward model     held-out accuracy 0.700; bag-of-words baseline 0.600\n" in printed
+    assert "diversity        distinct-2 0.900\n" in printed  # the per-input figures were not logged
+
+
+def test_seeds_table_names_the_figures_no_run_measured_instead_of_rows_of_dashes():
+    runs = {seed: {**dict.fromkeys(pipeline.SEED_FIGURES), "kl": 0.1 * (seed + 1), "run_dir": f"seed_{seed}"}
+            for seed in (0, 1)}  # fmt: skip
+    runs[1]["win_rate_vs_sft"] = 0.5  # measured by one run only: a dash for the other
+    table = pipeline.seeds_table(pipeline.summarize_seeds(runs))
+    assert "None" not in table and "nan" not in table
+    assert "| KL to SFT | 0.100 | 0.200 |" in table and "| win rate vs SFT | - | 0.500 | 0.500 | - |" in table
+    assert "gold reward, SFT" not in table.split("\n\n")[0]
+    assert table.split("\n\n")[1].startswith("Not measured in any run: gold reward, SFT; gold reward, PPO (final)")
+
+
 FIGURES = ("gold_reward_sft", "gold_reward_ppo", "best_gold_reward_ppo", "best_gold_iteration", "final_over_best_gold",
            "win_rate_vs_sft", "proxy_reward_sft", "proxy_reward_ppo", "kl", "kl_coef", "distinct_2",
            "per_input_distinct_2_ppo", "per_input_distinct_2_sft", "iterations", "rm_accuracy",
