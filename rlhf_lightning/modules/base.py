@@ -86,6 +86,13 @@ class PhaseModule(L.LightningModule):
             message = f"the tokenizer of {which} differs from the data module's; resume with the same one"
             check_same_tokenizer(saved, self.tokenizer, message)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # A step-bounded run whose max_steps is not a multiple of val_check_interval would end without validating
+        # its final weights (a short reward-model run: no rm/accuracy at all, and no refreshed normalisation in its
+        # checkpoint). Lightning validates at a step where a stop was asked for; the run ends at this step anyway.
+        if 0 < self.trainer.max_steps <= self.trainer.global_step:
+            self.trainer.should_stop = True
+
     def on_train_start(self) -> None:
         # Skipped and truncated records are counted by the data module; the logger keeps them with the run.
         stats = getattr(self.trainer.datamodule, "data_stats", {})
