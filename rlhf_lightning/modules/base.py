@@ -3,10 +3,14 @@ module, a self-contained checkpoint (phase, tokenizer, model specs), and the run
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from rlhf_lightning.checkpoint import RLHF_KEY
 from rlhf_lightning.data.tokenizer import Tokenizer, check_same_tokenizer, tokenizer_from_meta, tokenizer_meta
@@ -21,6 +25,46 @@ from rlhf_lightning.world import AnnotatorConfig, JudgeConfig, WorldConfig
 torch.serialization.add_safe_globals(
     [SamplingConfig, GPTConfig, LoRAConfig, WorldConfig, AnnotatorConfig, JudgeConfig, KLConfig, RewardConfig]
 )
+
+
+def _for_users(record: logging.LogRecord) -> bool:
+    """Whether one of Lightning's INFO lines is for a user: not its advertisements for its cloud services ("💡 Tip:
+    ... litlogger / litmodels", on each Trainer), nor that the phases' progress bar takes the place of its own."""
+    message = record.getMessage()
+    return not message.startswith("💡 Tip:") and not message.endswith(
+        "will override existing callbacks passed to Trainer: RichProgressBar"
+    )
+
+
+# What Lightning says on every phase's run that a user need not act on, silenced by its message alone (these
+# filters are process-wide, so each matches one notice and nothing else):
+# - the INFO lines of _for_users;
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_for_users)
+# - torch's deprecation of LeafSpec, which Lightning's own CombinedLoader still builds (for Lightning to fix);
+warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+# - "does not have many workers": the data modules read and tokenise every record in setup, so a batch is only a
+#   collation in memory (num_workers stays available for a data set that needs it);
+warnings.filterwarnings("ignore", r"The '\w+' does not have many workers", PossibleUserWarning)
+# - "The number of training batches (N) is smaller than the logging interval": the phases are bounded in steps, and
+#   Lightning counts log_every_n_steps across epoch boundaries, so a small data set is logged all the same.
+warnings.filterwarnings("ignore", r"The number of training batches \(\d+\) is smaller than the logging interval",
+                        PossibleUserWarning)  # fmt: skip
+
+
+class PhaseProgressBar(RichProgressBar):
+    """Lightning's progress bar, saying what a phase's run has: no epoch bound for a run bounded in steps (Lightning
+    writes ``Epoch N/max_epochs - 1``, ``Epoch 9/-2`` there), and the module's own count of training batches where
+    its train loader has no length (the PPO phase's iteration ticks: ``2/--`` and no time left otherwise)."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        total = self.trainer.lightning_module.train_batches
+        return super().total_train_batches if total is None else total
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is None or self.trainer.max_epochs < 0:  # -1: epochs unbounded
+            return f"Epoch {current_epoch}"
+        return super()._get_train_description(current_epoch)
 
 
 class PhaseModule(L.LightningModule):
@@ -38,6 +82,16 @@ class PhaseModule(L.LightningModule):
     @property
     def built(self) -> bool:
         return self.tokenizer is not None
+
+    @property
+    def train_batches(self) -> int | None:
+        """The training batches of the run, for the progress bar where the train loader has no length; None: the
+        loader's own count."""
+        return None
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # In place of Lightning's default progress bar only: one the user configured, or none, stays as it is.
+        return [PhaseProgressBar()] if type(self.trainer.progress_bar_callback) is RichProgressBar else []
 
     def datamodule_tokenizer(self) -> Tokenizer:
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)

@@ -24,11 +24,13 @@ same model with its adapters disabled: the SFT weights, without a second copy of
 from __future__ import annotations
 
 import time
+import warnings
 from collections import defaultdict
 from functools import partial
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 
 from rlhf_lightning import tags
@@ -56,6 +58,10 @@ from rlhf_lightning.rl import (
 )
 
 PPO_STATE_KEY = "ppo_state"
+
+# The reference policy and the reward model are frozen in eval mode on purpose (no dropout in the KL or the scores);
+# Lightning warns about any module in eval mode at the start of training.
+warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start of training", PossibleUserWarning)
 
 
 def _iteration_seed(seed: int, iteration: int, rank: int) -> int:
@@ -223,6 +229,10 @@ class PPOModule(PhaseModule):
     def _rank_and_world(self) -> tuple[int, int]:
         return self.global_rank, max(self.trainer.world_size, 1)
 
+    @property
+    def train_batches(self) -> int:
+        return self.hparams.iterations  # the train loader's endless ticks: one per iteration
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         if self.iteration >= self.hparams.iterations:
             return -1  # resumed at (or past) the end: nothing left to do
@@ -275,7 +285,7 @@ class PPOModule(PhaseModule):
     def _fail(self, quantity: str, iteration: int, detail: str = "") -> None:
         """Saves the current state (finite: no step was taken with the bad value) and stops the run loudly."""
         path = checkpoint_dir(self.trainer) / "last-good.ckpt"
-        self.trainer.save_checkpoint(path)
+        self.trainer.save_checkpoint(path, weights_only=False)  # whole, to resume from (explicit: no notice)
         raise FloatingPointError(
             f"{quantity} is not finite at iteration {iteration}{detail}; stopping. The state before it is saved in "
             f"{path} (resume with --ckpt_path after fixing the cause)"
