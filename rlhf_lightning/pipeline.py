@@ -234,7 +234,7 @@ def summarize_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 def seeds_table(study: dict[str, Any]) -> str:
     """The study as a Markdown table: a row per figure, the per-seed values, mean, 95% CI of the mean, min, max ("-"
-    where a run did not measure it); a figure no run measured (gold without a gold judge) is named below instead."""
+    where a run has no value); a figure no run has (gold without a gold judge) is named below the table instead."""
 
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}"
@@ -249,7 +249,7 @@ def seeds_table(study: dict[str, Any]) -> str:
         row = [f["label"], *map(fmt, f["values"]), fmt(f["mean"]), ci, fmt(f["min"]), fmt(f["max"])]
         lines.append("| " + " | ".join(row) + " |")
     if unmeasured:
-        lines += ["", f"Not measured in any run: {'; '.join(unmeasured)}."]
+        lines += ["", f"No value in any run: {'; '.join(unmeasured)}."]
     return "\n".join(lines) + "\n"
 
 

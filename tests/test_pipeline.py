@@ -214,7 +214,7 @@ def test_summary_without_a_gold_judge_says_so_once_and_prints_no_none(monkeypatc
     assert "diversity        distinct-2 0.900\n" in printed  # the per-input figures were not logged
 
 
-def test_seeds_table_names_the_figures_no_run_measured_instead_of_rows_of_dashes():
+def test_seeds_table_names_the_figures_no_run_has_instead_of_rows_of_dashes():
     runs = {seed: {**dict.fromkeys(pipeline.SEED_FIGURES), "kl": 0.1 * (seed + 1), "run_dir": f"seed_{seed}"}
             for seed in (0, 1)}  # fmt: skip
     runs[1]["win_rate_vs_sft"] = 0.5  # measured by one run only: a dash for the other
@@ -222,7 +222,7 @@ def test_seeds_table_names_the_figures_no_run_measured_instead_of_rows_of_dashes
     assert "None" not in table and "nan" not in table
     assert "| KL to SFT | 0.100 | 0.200 |" in table and "| win rate vs SFT | - | 0.500 | 0.500 | - |" in table
     assert "gold reward, SFT" not in table.split("\n\n")[0]
-    assert table.split("\n\n")[1].startswith("Not measured in any run: gold reward, SFT; gold reward, PPO (final)")
+    assert table.split("\n\n")[1].startswith("No value in any run: gold reward, SFT; gold reward, PPO (final)")
 
 
 FIGURES = ("gold_reward_sft", "gold_reward_ppo", "best_gold_reward_ppo", "best_gold_iteration", "final_over_best_gold",
