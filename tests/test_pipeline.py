@@ -105,8 +105,9 @@ def test_lightning_notices_of_a_small_data_set_are_silenced(monkeypatch):
     from lightning.pytorch.utilities.warnings import PossibleUserWarning
     from torch.utils.data import DataLoader
 
-    import rlhf_lightning.modules  # noqa: F401  (the phases' modules: what a run imports before its Trainer)
+    from rlhf_lightning.modules.base import PhaseModule
 
+    PhaseModule()  # what a run makes before its Trainer
     monkeypatch.setattr(data_connector, "suggested_max_num_workers", lambda devices: 8)
     with warnings.catch_warnings(record=True) as caught:
         data_connector._worker_check(SimpleNamespace(num_devices=1), DataLoader([0]), "train_dataloader")

@@ -36,19 +36,19 @@ def _for_users(record: logging.LogRecord) -> bool:
     )
 
 
-# What Lightning says on every phase's run that a user need not act on, silenced by its message alone (these
-# filters are process-wide, so each matches one notice and nothing else):
-# - the INFO lines of _for_users;
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_for_users)
-# - torch's deprecation of LeafSpec, which Lightning's own CombinedLoader still builds (for Lightning to fix);
-warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
-# - "does not have many workers": the data modules read and tokenise every record in setup, so a batch is only a
-#   collation in memory (num_workers stays available for a data set that needs it);
-warnings.filterwarnings("ignore", r"The '\w+' does not have many workers", PossibleUserWarning)
-# - "The number of training batches (N) is smaller than the logging interval": the phases are bounded in steps, and
-#   Lightning counts log_every_n_steps across epoch boundaries, so a small data set is logged all the same.
-warnings.filterwarnings("ignore", r"The number of training batches \(\d+\) is smaller than the logging interval",
-                        PossibleUserWarning)  # fmt: skip
+def silence_expected_notices() -> None:
+    """Silences, by its message alone, what Lightning says on every phase's run that a user need not act on (each
+    filter matches one notice and nothing else; installing them again changes nothing)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_for_users)
+    # torch's deprecation of LeafSpec, which Lightning's own CombinedLoader still builds (for Lightning to fix)
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # "does not have many workers": the data modules read and tokenise every record in setup, so a batch is only a
+    # collation in memory (num_workers stays available for a data set that needs it)
+    warnings.filterwarnings("ignore", r"The '\w+' does not have many workers", PossibleUserWarning)
+    # "The number of training batches (N) is smaller than the logging interval": the phases are bounded in steps,
+    # and Lightning counts log_every_n_steps across epoch boundaries, so a small data set is logged all the same
+    warnings.filterwarnings("ignore", r"The number of training batches \(\d+\) is smaller than the logging",
+                            PossibleUserWarning)  # fmt: skip
 
 
 class PhaseProgressBar(RichProgressBar):
@@ -78,6 +78,8 @@ class PhaseModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.tokenizer: Tokenizer | None = None
+        # Here, before the Trainer is built (LightningCLI makes the module first), for the whole run.
+        silence_expected_notices()
 
     @property
     def built(self) -> bool:

@@ -59,10 +59,6 @@ from rlhf_lightning.rl import (
 
 PPO_STATE_KEY = "ppo_state"
 
-# The reference policy and the reward model are frozen in eval mode on purpose (no dropout in the KL or the scores);
-# Lightning warns about any module in eval mode at the start of training.
-warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start of training", PossibleUserWarning)
-
 
 def _iteration_seed(seed: int, iteration: int, rank: int) -> int:
     return (seed * 1_000_003 + iteration) * 1009 + rank
@@ -185,6 +181,9 @@ class PPOModule(PhaseModule):
         self.policy, self.ref_policy, self.reward_model = models.policy, models.ref_policy, models.reward_model
         self.value_head, self.critic_backbone = models.value_head, models.critic_backbone
         self._score_fn = models.score_fn
+        # The reference policy and the reward model are frozen in eval mode on purpose (no dropout in the KL or the
+        # scores), and Lightning warns about any module in eval mode when training starts.
+        warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start", PossibleUserWarning)
         if self.hparams.shard:
             for model in (self.policy, self.critic_backbone, self.value_head):
                 if model is not None:
