@@ -133,7 +133,8 @@ class RLHFDiagnostics(pl.Callback):
         if score is not None and (self._best is None or score[0] > self._best):
             self._best = score[0]
             path = self._best_ckpt_path(trainer)
-            trainer.save_checkpoint(path)
+            # whole, to resume from; said explicitly, or Lightning says it chose that for us on every save
+            trainer.save_checkpoint(path, weights_only=False)
             rank_zero_info(f"{type(self).__name__}: new best {score[1]} {score[0]:.4g} at iteration {step}: {path}")
         if stop:
             trainer.should_stop = True

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import shlex
 import shutil
@@ -46,6 +47,7 @@ from typing import Any
 import yaml
 
 from rlhf_lightning import tags
+from rlhf_lightning.diagnose.detectors import NO_GOLD
 from rlhf_lightning.diagnose.events import read_scalars
 from rlhf_lightning.errors import USER_ERRORS, ArgumentParser, UsageError, user_message
 from rlhf_lightning.io import atomic_open
@@ -235,17 +237,23 @@ def summarize_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 
 def seeds_table(study: dict[str, Any]) -> str:
-    """The study as a Markdown table: a row per figure, the per-seed values, mean, 95% CI of the mean, min, max."""
+    """The study as a Markdown table: a row per figure, the per-seed values, mean, 95% CI of the mean, min, max ("-"
+    where a run has no value); a figure no run has (gold without a gold judge) is named below the table instead."""
 
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}"
 
     head = ["figure", *(f"seed {seed}" for seed in study["seeds"]), "mean", "95% CI", "min", "max"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    unmeasured = [f["label"] for f in study["figures"].values() if f["n"] == 0]
     for f in study["figures"].values():
+        if f["n"] == 0:
+            continue
         ci = "-" if f["ci95"] is None else f"[{fmt(f['ci95'][0])}, {fmt(f['ci95'][1])}]"
         row = [f["label"], *map(fmt, f["values"]), fmt(f["mean"]), ci, fmt(f["min"]), fmt(f["max"])]
         lines.append("| " + " | ".join(row) + " |")
+    if unmeasured:
+        lines += ["", f"No value in any run: {'; '.join(unmeasured)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -523,21 +531,35 @@ def _run_phases(
 
 
 def _print_summary(s: dict[str, Any]) -> None:
+    """The run's figures, a line per group: a figure the run did not measure is left out (summary.json keeps it as
+    null), never printed as None; a run evaluated without a gold judge says once what that leaves out."""
+
     def fmt(x: Any) -> str:
         return f"{x:.3f}" if isinstance(x, float) else str(x)
 
+    def measured(key: str) -> bool:
+        return s[key] is not None and not (isinstance(s[key], float) and math.isnan(s[key]))
+
+    def line(label: str, *parts: tuple[str, tuple[str, ...]]) -> None:
+        """``label``, then each part (a template and the keys of its figures) whose figures were all measured."""
+        shown = [text.format(*(fmt(s[k]) for k in keys)) for text, keys in parts if all(map(measured, keys))]
+        if shown:
+            print(f"{label:<16} " + "; ".join(shown))
+
     print("\n== rlhf pipeline summary ==")
-    print(f"gold reward      SFT {fmt(s['gold_reward_sft'])}  ->  PPO {fmt(s['gold_reward_ppo'])}")
-    print(f"best gold        PPO {fmt(s['best_gold_reward_ppo'])} at iteration {fmt(s['best_gold_iteration'])}; "
-          f"final / best {fmt(s['final_over_best_gold'])}")  # fmt: skip
-    print(f"win rate vs SFT  {fmt(s['win_rate_vs_sft'])} (gold judge, held-out prompts, ties count half)")
-    print(f"proxy reward     SFT {fmt(s['proxy_reward_sft'])}  ->  PPO {fmt(s['proxy_reward_ppo'])}")
-    print(f"KL to SFT        {fmt(s['kl'])} nats per response (beta {fmt(s['kl_coef'])})")
-    if s["rm_accuracy"] is not None:
-        print(f"reward model     held-out accuracy {fmt(s['rm_accuracy'])}; bag-of-words baseline "
-              f"{fmt(s['rm_baseline_accuracy'])}; Bayes {fmt(s['rm_bayes_accuracy'])}")  # fmt: skip
-    print(f"diversity        distinct-2 {fmt(s['distinct_2'])}; per input {fmt(s['per_input_distinct_2_sft'])} (SFT)"
-          f" -> {fmt(s['per_input_distinct_2_ppo'])} (PPO)")  # fmt: skip
+    if s["proxy_reward_ppo"] is not None and s["gold_reward_ppo"] is None:  # evaluated, but no judge to ask
+        print(f"{NO_GOLD}: gold reward and win rate are not measured")
+    line("gold reward", ("SFT {}  ->  PPO {}", ("gold_reward_sft", "gold_reward_ppo")))
+    # final / best is left out where it is undefined: a best gold that is not positive (see summarize)
+    line("best gold", ("PPO {} at iteration {}", ("best_gold_reward_ppo", "best_gold_iteration")),
+         ("final / best {}", ("final_over_best_gold",)))  # fmt: skip
+    line("win rate vs SFT", ("{} (gold judge, held-out prompts, ties count half)", ("win_rate_vs_sft",)))
+    line("proxy reward", ("SFT {}  ->  PPO {}", ("proxy_reward_sft", "proxy_reward_ppo")))
+    line("KL to SFT", ("{} nats per response", ("kl",)), ("beta {}", ("kl_coef",)))
+    line("reward model", ("held-out accuracy {}", ("rm_accuracy",)),
+         ("bag-of-words baseline {}", ("rm_baseline_accuracy",)), ("Bayes {}", ("rm_bayes_accuracy",)))  # fmt: skip
+    line("diversity", ("distinct-2 {}", ("distinct_2",)),
+         ("per input {} (SFT) -> {} (PPO)", ("per_input_distinct_2_sft", "per_input_distinct_2_ppo")))  # fmt: skip
     print("time             " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items()))
     if "report" in s:
         print(f"diagnosis        {s['report']} (plots beside it)")

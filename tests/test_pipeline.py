@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shlex
 import statistics
+import subprocess
+import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -56,6 +62,60 @@ def test_pipeline_end_to_end_with_a_failure_preset_and_its_fix(tmp_path, capsys)
     assert ppo_part["kl"]["controller"] == "adaptive" and ppo_part["kl"]["coef"] == 0.05
     printed = capsys.readouterr().out
     assert "rlhf pipeline summary" in printed and "win rate vs SFT" in printed
+
+
+#: All a tiny run may print on stderr, line by line: Lightning's start-up facts, the end of each fit, and the
+#: diagnostics callback's best checkpoint. Any other line (a warning, a tip, a notice) fails the test that uses it.
+ALLOWED_STDERR = re.compile(
+    r"Seed set to \d+|GPU available: .*|TPU available: .*|`Trainer\.fit` stopped: .*|RLHFDiagnostics: new best .*"
+)
+
+
+def test_a_run_on_own_data_prints_nothing_a_newcomer_reads_as_trouble(tmp_path, capsys):
+    """The whole pipeline as a user starts it on their own data (no world.json: no gold judge), progress bars and
+    model summaries on, in a fresh process (so that no test's warning filters or earlier warnings hide anything)."""
+    data = tmp_path / "own"
+    main(["world", "--out", str(data)])
+    (data / "world.json").unlink()
+    tiny = {phase: args.replace(QUIET, "") for phase, args in TINY.items()}
+    # an RM run that ends between validations (5 steps, every 2), and no limit of 1 batch (Lightning echoes that)
+    tiny["rm"] = tiny["rm"].replace("max_steps=4", "max_steps=5").replace("limit_val_batches=1", "limit_val_batches=2")
+    args = [arg for phase in PHASES for arg in (f"--{phase}-args", tiny[phase])]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = ["-m", "rlhf_lightning.cli", "pipeline", "--out", str(tmp_path / "run"), "--data-dir", str(data), *args]
+    done = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    unexpected = [line for line in done.stderr.splitlines() if line.strip() and not ALLOWED_STDERR.fullmatch(line)]
+    assert not unexpected, "\n".join(unexpected)
+    out = done.stdout.replace("\r", "\n")
+    assert not re.search(r"\b(None|nan|NaN)\b", out), out
+    assert not re.search(r"Epoch \d+/-|/--", out), out  # no "Epoch 9/-2", no unknown total of PPO iterations
+    assert "Epoch 0/0" in out and "2/2" in out  # the PPO phase: its 2 iterations are the bar's total
+    summary = out.split("== rlhf pipeline summary ==")[1]
+    assert summary.count("no gold judge for this data: gold reward and win rate are not measured") == 1
+    assert "reward model     held-out accuracy" in summary  # the RM validated at its last step
+
+
+def test_lightning_notices_of_a_small_data_set_are_silenced(monkeypatch):
+    """Notices a tiny machine or data set would print: too few loader workers (the data modules collate in memory),
+    fewer batches per epoch than the logging interval (the phases log across epochs, bounded in steps)."""
+    from lightning.pytorch.trainer.connectors import data_connector
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+    from torch.utils.data import DataLoader
+
+    from rlhf_lightning.modules.base import PhaseModule
+
+    PhaseModule()  # what a run makes before its Trainer
+    monkeypatch.setattr(data_connector, "suggested_max_num_workers", lambda devices: 8)
+    with warnings.catch_warnings(record=True) as caught:
+        data_connector._worker_check(SimpleNamespace(num_devices=1), DataLoader([0]), "train_dataloader")
+        warnings.warn("The number of training batches (3) is smaller than the logging interval Trainer("
+                      "log_every_n_steps=10). Set a lower value for log_every_n_steps if you want to see logs for the "
+                      "training epoch.", PossibleUserWarning, stacklevel=1)  # fmt: skip
+    assert not [str(w.message) for w in caught]
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +194,36 @@ def test_summary_records_the_best_gold_along_the_run(monkeypatch, tmp_path):
     del logged["eval/gold_reward"]  # no gold judge (a user's own data)
     s = pipeline.summarize(tmp_path)
     assert s["best_gold_reward_ppo"] is s["best_gold_iteration"] is s["final_over_best_gold"] is None
+
+
+def test_summary_without_a_gold_judge_says_so_once_and_prints_no_none(monkeypatch, tmp_path, capsys):
+    # a user's own data: the PPO phase logs proxy figures only, and the reward model has no Bayes accuracy
+    logged = {"eval/proxy_reward": {1: 0.4}, "eval/sft_proxy_reward": {1: 0.1}, "objective/kl": {0: 0.0, 1: 0.2},
+              "objective/kl_coef": {0: 0.05, 1: 0.05}, "diversity/distinct_2": {1: 0.9}, "rm/accuracy": {4: 0.7},
+              "rm/baseline_accuracy": {4: 0.6}}  # fmt: skip
+    monkeypatch.setattr(pipeline, "read_scalars", lambda run_dir: logged)
+    (tmp_path / "runs" / "rm").mkdir(parents=True)
+    s = {**pipeline.summarize(tmp_path), "seconds": {"ppo": 1.0}, "run_dir": str(tmp_path)}
+    assert s["gold_reward_ppo"] is s["win_rate_vs_sft"] is s["rm_bayes_accuracy"] is None  # summary.json: nulls
+    pipeline._print_summary(s)
+    printed = capsys.readouterr().out
+    assert printed.count("no gold judge for this data: gold reward and win rate are not measured") == 1
+    assert "None" not in printed and "nan" not in printed
+    assert "gold reward  " not in printed and "win rate vs SFT" not in printed and "best gold" not in printed
+    assert "proxy reward     SFT 0.100  ->  PPO 0.400" in printed
+    assert "reward model     held-out accuracy 0.700; bag-of-words baseline 0.600\n" in printed
+    assert "diversity        distinct-2 0.900\n" in printed  # the per-input figures were not logged
+
+
+def test_seeds_table_names_the_figures_no_run_has_instead_of_rows_of_dashes():
+    runs = {seed: {**dict.fromkeys(pipeline.SEED_FIGURES), "kl": 0.1 * (seed + 1), "run_dir": f"seed_{seed}"}
+            for seed in (0, 1)}  # fmt: skip
+    runs[1]["win_rate_vs_sft"] = 0.5  # measured by one run only: a dash for the other
+    table = pipeline.seeds_table(pipeline.summarize_seeds(runs))
+    assert "None" not in table and "nan" not in table
+    assert "| KL to SFT | 0.100 | 0.200 |" in table and "| win rate vs SFT | - | 0.500 | 0.500 | - |" in table
+    assert "gold reward, SFT" not in table.split("\n\n")[0]
+    assert table.split("\n\n")[1].startswith("No value in any run: gold reward, SFT; gold reward, PPO (final)")
 
 
 FIGURES = ("gold_reward_sft", "gold_reward_ppo", "best_gold_reward_ppo", "best_gold_iteration", "final_over_best_gold",

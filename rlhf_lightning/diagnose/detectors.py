@@ -183,6 +183,20 @@ def _f(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _trend(t: float) -> str:
+    """A trend's t-statistic in words: NaN means too few points to fit a line (fewer than 3, or than its window)."""
+    return "trend: too few points yet" if np.isnan(t) else f"trend t={_f(t)}"
+
+
+#: Why the detectors that compare with the gold judge's reward did not run (a user's own data has no judge).
+NO_GOLD = "no gold judge for this data"
+
+
+def has_gold(h: History) -> bool:
+    """Whether the run logged a gold reward (rollout or held-out): only runs on the embedded world have a judge."""
+    return h.get(tags.GOLD_REWARD) is not None or h.get(tags.EVAL_GOLD_REWARD) is not None
+
+
 # -- reward hacking ------------------------------------------------------------------------------------------------
 
 _RM_EXPLOITED = "the policy found inputs the reward model over-scores (reward-model exploitation, over-optimisation)"
@@ -210,6 +224,8 @@ def gold_divergence(
     way). Uses the rollout's gold and proxy (per iteration), else the evaluation's. Both tests are strict because a
     rollout's mean gold is noisy (docs/failure_modes.md, "Why these defaults").
     """
+    if not has_gold(h):
+        return not_evaluated(GOLD_DIVERGENCE, NO_GOLD)
     for proxy_tag, gold_tag in (
         (tags.PROXY_REWARD, tags.GOLD_REWARD),
         (tags.EVAL_PROXY_REWARD, tags.EVAL_GOLD_REWARD),
@@ -233,8 +249,8 @@ def gold_divergence(
 
     def describe(i: int) -> str:
         return (
-            f"at iteration {steps[i]} (means of {smooth} points): {proxy_tag} {_f(ps[i])} (trend t={_f(tp[i])}, "
-            f"{proxy_since[i]:+.3g} since the gold peak), {gold_tag} {_f(gs[i])} (t={_f(tg[i])}), {_f(drop[i])} "
+            f"at iteration {steps[i]} (means of {smooth} points): {proxy_tag} {_f(ps[i])} ({_trend(tp[i])}, "
+            f"{proxy_since[i]:+.3g} since the gold peak), {gold_tag} {_f(gs[i])} ({_trend(tg[i])}), {_f(drop[i])} "
             f"below its peak {_f(peak[i])} at iteration {steps[peak_at[i]]}"
         )
 
@@ -285,10 +301,13 @@ def kl_outpaces_reward(
     signal = sustained(rising & (gain < gain_frac * max(base, 0.0)), patience)
 
     def describe(i: int) -> str:
-        return (
-            f"at iteration {steps[i]}: KL {_f(kl[i])} (sqrt(KL) trend t={_f(tk[i])}), reward gain per sqrt(KL) "
-            f"{_f(gain[i])} against {_f(base)} when the KL started to grow"
+        # The gain is only defined where sqrt(KL) rises, and its reference once it first rose.
+        gains = (
+            f"reward gain per sqrt(KL) {_f(gain[i])} against {_f(base)} when the KL started to grow"
+            if rising[i]
+            else "sqrt(KL) not rising"
         )
+        return f"at iteration {steps[i]}: KL {_f(kl[i])} (sqrt(KL) {_trend(tk[i])}), {gains}"
 
     return _result(KL_OUTPACES_REWARD, steps, signal, describe)
 
@@ -375,10 +394,8 @@ def _drop(
         label = f"1 - {tag}" if inverted else tag
 
         def describe(i: int, s=s, cs=cs, base=base, source=source, label=label) -> str:
-            return (
-                f"at iteration {s.steps[i]}: {label} {_f(cs[i])} against {_f(base)} ({source}), "
-                f"{_f(cs[i] / base if base else np.nan)} of it"
-            )
+            share = f", {_f(cs[i] / base)} of it" if base else ""  # no share of a baseline of 0
+            return f"at iteration {s.steps[i]}: {label} {_f(cs[i])} against {_f(base)} ({source}){share}"
 
         findings.append(_result(spec, s.steps, signal, describe))
     if not findings:
@@ -566,19 +583,25 @@ def kl_hparams(hparams: dict) -> dict:
 def beta_at_bound(h: History, patience: int = 3, rtol: float = 1e-3) -> Finding:
     """Beta at a bound for ``patience`` iterations in a row: the module's own flag ``objective/kl_coef_at_bound``
     when logged, else ``objective/kl_coef`` within ``rtol`` of hparams' ``kl.min_coef`` or ``kl.max_coef`` (the flat
-    ``kl_min`` / ``kl_max`` of older runs); only for an adaptive controller (read from hparams.yaml)."""
+    ``kl_min`` / ``kl_max`` of older runs); only for an adaptive controller (read from hparams.yaml; a run without
+    it is judged by the flag alone)."""
+    hp = kl_hparams(h.hparams)
+    # The module logs the flag under every controller (always 0 but for the adaptive one): a fixed or annealed beta
+    # follows its schedule, and "at its bound" means nothing there.
+    if hp.get("kl_controller", "adaptive") != "adaptive":
+        why = f"kl.controller is {hp['kl_controller']}, not adaptive: its beta has no bounds to sit at"
+        return not_evaluated(BETA_AT_BOUND, why)
     flag = h.get(tags.KL_COEF_AT_BOUND)
     if flag is not None:
         signal = sustained(flag.values > 0.5, patience)
 
         def describe_flag(i: int) -> str:
-            return f"at iteration {flag.steps[i]}: objective/kl_coef_at_bound set {patience} iterations in a row"
+            held = "set" if signal[i] else "not set"
+            return f"at iteration {flag.steps[i]}: objective/kl_coef_at_bound {held} {patience} iterations in a row"
 
         return _result(BETA_AT_BOUND, flag.steps, signal, describe_flag)
-    hp = kl_hparams(h.hparams)
-    if hp.get("kl_controller") != "adaptive":
-        why = f"kl_controller is {hp['kl_controller']}" if "kl_controller" in hp else "no kl_controller in hparams"
-        return not_evaluated(BETA_AT_BOUND, why + " (applies to the adaptive controller)")
+    if "kl_controller" not in hp:
+        return not_evaluated(BETA_AT_BOUND, "no kl_controller in hparams (applies to the adaptive controller)")
     s = h.get(tags.KL_COEF)
     if s is None or "kl_min" not in hp or "kl_max" not in hp:
         return not_evaluated(BETA_AT_BOUND, _needs(tags.KL_COEF, "kl_min/kl_max in hparams"))
@@ -621,7 +644,7 @@ def no_kl_penalty(h: History, window: int = 10, t_min: float = 2.0) -> Finding:
     signal = (np.abs(beta) <= 1e-12) & (t > t_min)
 
     def describe(i: int) -> str:
-        return f"at iteration {steps[i]}: beta {_f(beta[i])}, KL {_f(kl_values[i])} rising (trend t={_f(t[i])})"
+        return f"at iteration {steps[i]}: beta {_f(beta[i])}, KL {_f(kl_values[i])} ({_trend(t[i])})"
 
     return _result(NO_KL_PENALTY, steps, signal, describe)
 
@@ -647,6 +670,8 @@ def length_bias(
 ) -> Finding:
     """Over all points so far (at least ``min_points``): proxy trend t > ``t_min``, gold trend t < ``gold_t_max``
     (not reliably rising), and mean score-length correlation at least ``corr_min``."""
+    if not has_gold(h):
+        return not_evaluated(LENGTH_BIAS, NO_GOLD)
     needed = (tags.PROXY_REWARD, tags.GOLD_REWARD, tags.SCORE_LENGTH_CORR)
     triple = _aligned(h, *needed)
     if triple is None:
@@ -659,7 +684,7 @@ def length_bias(
 
     def describe(i: int) -> str:
         return (
-            f"iterations {steps[0]}-{steps[i]}: proxy trend t={_f(tp[i])}, gold trend t={_f(tg[i])} "
+            f"iterations {steps[0]}-{steps[i]}: proxy {_trend(tp[i])}, gold {_trend(tg[i])} "
             f"({_f(gold[0])} -> {_f(gold[i])}), mean score-length correlation {_f(mean_corr[i])}"
         )
 
@@ -679,6 +704,8 @@ def proxy_gold_disagreement(h: History, patience: int = 2) -> Finding:
     """At ``patience`` evaluations in a row: ``eval/proxy_reward`` above ``eval/sft_proxy_reward`` while
     ``eval/gold_reward`` is not above ``eval/sft_gold_reward`` (each against its first evaluation when the SFT value
     is not logged)."""
+    if not has_gold(h):
+        return not_evaluated(PROXY_GOLD_DISAGREEMENT, NO_GOLD)
     pair = _aligned(h, tags.EVAL_PROXY_REWARD, tags.EVAL_GOLD_REWARD)
     if pair is None:
         return not_evaluated(PROXY_GOLD_DISAGREEMENT, _needs(tags.EVAL_PROXY_REWARD, tags.EVAL_GOLD_REWARD))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlhf_lightning.diagnose.detectors import FAMILIES, Finding, run_detectors
+from rlhf_lightning.diagnose.detectors import FAMILIES, NO_GOLD, Finding, run_detectors
 from rlhf_lightning.diagnose.events import NoEventsError, read_run
 from rlhf_lightning.diagnose.history import History
 from rlhf_lightning.diagnose.plots import plot_runs
@@ -31,6 +31,8 @@ def _verdict(findings: list[Finding]) -> str:
         return "**triggered**: " + ", ".join(f"`{f.name}` (iteration {f.iteration})" for f in fired)
     if any(f.evaluated for f in findings):
         return "quiet"
+    if all(f.evidence.endswith(NO_GOLD) for f in findings):
+        return f"not evaluated ({NO_GOLD})"
     return "not evaluated (metrics missing)"
 
 
@@ -49,11 +51,16 @@ def render_run(label: str, h: History, findings: list[Finding]) -> str:
         lines += [f"  - {c}" for c in f.causes]
         lines += ["- fixes:"] + [f"  - {x}" for x in f.fixes]
     quiet = [f for f in findings if f.evaluated and not f.triggered]
-    skipped = [f for f in findings if not f.evaluated]
+    # The detectors that need the gold judge are named once, under one reason, rather than each as missing metrics.
+    no_gold = [f"`{f.name}`" for f in findings if not f.evaluated and f.evidence.endswith(NO_GOLD)]
+    skipped = [f for f in findings if not f.evaluated and not f.evidence.endswith(NO_GOLD)]
     if quiet:
         lines += ["", "### Quiet", ""] + [f"- `{f.name}`: {f.evidence}" for f in quiet]
-    if skipped:
+    if skipped or no_gold:
         lines += ["", "### Not evaluated", ""] + [f"- `{f.name}`: {f.evidence}" for f in skipped]
+    if no_gold:
+        lines.append(f"- {NO_GOLD}: gold reward and win rate are not measured, so {', '.join(no_gold)} (which compare "
+                     "the proxy with the gold reward) were not evaluated")  # fmt: skip
     return "\n".join(lines)
 
 

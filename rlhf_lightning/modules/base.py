@@ -3,10 +3,14 @@ module, a self-contained checkpoint (phase, tokenizer, model specs), and the run
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from rlhf_lightning.checkpoint import RLHF_KEY
 from rlhf_lightning.data.tokenizer import Tokenizer, check_same_tokenizer, tokenizer_from_meta, tokenizer_meta
@@ -23,6 +27,46 @@ torch.serialization.add_safe_globals(
 )
 
 
+def _for_users(record: logging.LogRecord) -> bool:
+    """Whether one of Lightning's INFO lines is for a user: not its advertisements for its cloud services ("💡 Tip:
+    ... litlogger / litmodels", on each Trainer), nor that the phases' progress bar takes the place of its own."""
+    message = record.getMessage()
+    return not message.startswith("💡 Tip:") and not message.endswith(
+        "will override existing callbacks passed to Trainer: RichProgressBar"
+    )
+
+
+def silence_expected_notices() -> None:
+    """Silences, by its message alone, what Lightning says on every phase's run that a user need not act on (each
+    filter matches one notice and nothing else; installing them again changes nothing)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_for_users)
+    # torch's deprecation of LeafSpec, which Lightning's own CombinedLoader still builds (for Lightning to fix)
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # "does not have many workers": the data modules read and tokenise every record in setup, so a batch is only a
+    # collation in memory (num_workers stays available for a data set that needs it)
+    warnings.filterwarnings("ignore", r"The '\w+' does not have many workers", PossibleUserWarning)
+    # "The number of training batches (N) is smaller than the logging interval": the phases are bounded in steps,
+    # and Lightning counts log_every_n_steps across epoch boundaries, so a small data set is logged all the same
+    warnings.filterwarnings("ignore", r"The number of training batches \(\d+\) is smaller than the logging",
+                            PossibleUserWarning)  # fmt: skip
+
+
+class PhaseProgressBar(RichProgressBar):
+    """Lightning's progress bar, saying what a phase's run has: no epoch bound for a run bounded in steps (Lightning
+    writes ``Epoch N/max_epochs - 1``, ``Epoch 9/-2`` there), and the module's own count of training batches where
+    its train loader has no length (the PPO phase's iteration ticks: ``2/--`` and no time left otherwise)."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        total = self.trainer.lightning_module.train_batches
+        return super().total_train_batches if total is None else total
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is None or self.trainer.max_epochs < 0:  # -1: epochs unbounded
+            return f"Epoch {current_epoch}"
+        return super()._get_train_description(current_epoch)
+
+
 class PhaseModule(L.LightningModule):
     """Base of the phase modules. Subclasses set ``PHASE``, build their models in ``configure_model`` (inside a
     Trainer) and in ``build_from_checkpoint`` (when loaded on their own), and add entries with ``checkpoint_meta``."""
@@ -34,10 +78,22 @@ class PhaseModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.tokenizer: Tokenizer | None = None
+        # Here, before the Trainer is built (LightningCLI makes the module first), for the whole run.
+        silence_expected_notices()
 
     @property
     def built(self) -> bool:
         return self.tokenizer is not None
+
+    @property
+    def train_batches(self) -> int | None:
+        """The training batches of the run, for the progress bar where the train loader has no length; None: the
+        loader's own count."""
+        return None
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # In place of Lightning's default progress bar only: one the user configured, or none, stays as it is.
+        return [PhaseProgressBar()] if type(self.trainer.progress_bar_callback) is RichProgressBar else []
 
     def datamodule_tokenizer(self) -> Tokenizer:
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
@@ -85,6 +141,13 @@ class PhaseModule(L.LightningModule):
         else:
             message = f"the tokenizer of {which} differs from the data module's; resume with the same one"
             check_same_tokenizer(saved, self.tokenizer, message)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # A step-bounded run whose max_steps is not a multiple of val_check_interval would end without validating
+        # its final weights (a short reward-model run: no rm/accuracy at all, and no refreshed normalisation in its
+        # checkpoint). Lightning validates at a step where a stop was asked for; the run ends at this step anyway.
+        if 0 < self.trainer.max_steps <= self.trainer.global_step:
+            self.trainer.should_stop = True
 
     def on_train_start(self) -> None:
         # Skipped and truncated records are counted by the data module; the logger keeps them with the run.

@@ -24,11 +24,13 @@ same model with its adapters disabled: the SFT weights, without a second copy of
 from __future__ import annotations
 
 import time
+import warnings
 from collections import defaultdict
 from functools import partial
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 
 from rlhf_lightning import tags
@@ -181,6 +183,9 @@ class PPOModule(PhaseModule):
         self.policy, self.ref_policy, self.reward_model = models.policy, models.ref_policy, models.reward_model
         self.value_head, self.critic_backbone = models.value_head, models.critic_backbone
         self._score_fn = models.score_fn
+        # The reference policy and the reward model are frozen in eval mode on purpose (no dropout in the KL or the
+        # scores), and Lightning warns about any module in eval mode when training starts.
+        warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start", PossibleUserWarning)
         if self.hparams.shard:
             for model in (self.policy, self.critic_backbone, self.value_head):
                 if model is not None:
@@ -224,6 +229,10 @@ class PPOModule(PhaseModule):
     @property
     def _rank_and_world(self) -> tuple[int, int]:
         return self.global_rank, max(self.trainer.world_size, 1)
+
+    @property
+    def train_batches(self) -> int:
+        return self.hparams.iterations  # the train loader's endless ticks: one per iteration
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         if self.iteration >= self.hparams.iterations:
@@ -277,7 +286,7 @@ class PPOModule(PhaseModule):
     def _fail(self, quantity: str, iteration: int, detail: str = "") -> None:
         """Saves the current state (finite: no step was taken with the bad value) and stops the run loudly."""
         path = checkpoint_dir(self.trainer) / "last-good.ckpt"
-        self.trainer.save_checkpoint(path)
+        self.trainer.save_checkpoint(path, weights_only=False)  # whole, to resume from (explicit: no notice)
         raise FloatingPointError(
             f"{quantity} is not finite at iteration {iteration}{detail}; stopping. The state before it is saved in "
             f"{path} (resume with --ckpt_path after fixing the cause)"

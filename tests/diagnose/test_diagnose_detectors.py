@@ -9,6 +9,12 @@ from rlhf_lightning.diagnose.detectors import DETECTORS, FAMILIES, run_detectors
 from rlhf_lightning.diagnose.history import History
 
 t = np.arange(60, dtype=np.float64)
+#: The detectors that compare with the gold judge's reward (a user's own data has none).
+GOLD_DETECTORS = {
+    "reward_hacking.gold_divergence",
+    "annotation_shift.length_bias",
+    "annotation_shift.proxy_gold_disagreement",
+}
 
 
 def _gold_peaks_then_falls(p, s):
@@ -123,6 +129,37 @@ def test_missing_metrics_are_not_evaluated():
 def test_fixed_controller_skips_beta_at_bound(synth):
     f = DETECTORS["kl_trouble.beta_at_bound"](History.from_points(synth.healthy_points(), synth.hparams))
     assert not f.evaluated and "fixed" in f.evidence
+
+
+def test_fixed_controller_skips_beta_at_bound_though_the_module_logs_its_flag(synth):
+    # a real run's hparams.yaml: the kl group; the module logs objective/kl_coef_at_bound (0) under every controller
+    points = synth.healthy_points()
+    synth.set_series(points, "objective/kl_coef_at_bound", np.zeros(len(t)))
+    hparams = {"kl": {"controller": "fixed", "coef": 0.05}}
+    f = DETECTORS["kl_trouble.beta_at_bound"](History.from_points(points, hparams))
+    assert not f.evaluated and "kl.controller is fixed" in f.evidence
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_short_runs_and_undefined_figures_read_as_words_not_nan(synth, n):
+    """Trends need 3 points (some a window of 10 or 20), and a share of a baseline a nonzero baseline."""
+    points = synth.healthy_points(n=n)
+    synth.set_series(points, "diversity/distinct_2", np.zeros(n))
+    findings = run_detectors(History.from_points(points, {**synth.hparams, "kl_controller": "adaptive"}))
+    for f in findings:
+        assert "nan" not in f.evidence.lower() and "None" not in f.evidence, f.evidence
+    evidence = {f.name: f.evidence for f in findings}
+    assert "(sqrt(KL) trend: too few points yet), sqrt(KL) not rising" in evidence["reward_hacking.kl_outpaces_reward"]
+    diversity = evidence["mode_collapse.across_input_diversity"]
+    assert diversity.endswith(f" 0 against 0 (its first {min(n, 5)} point(s))")  # no share of a baseline of 0
+
+
+def test_gold_detectors_say_there_is_no_gold_judge(synth):
+    points = {tag: v for tag, v in synth.healthy_points().items() if "gold" not in tag}
+    findings = {f.name: f for f in run_detectors(History.from_points(points, synth.hparams))}
+    for name in GOLD_DETECTORS:
+        assert not findings[name].evaluated and findings[name].evidence == "not evaluated: no gold judge for this data"
+    assert all(f.evaluated for name, f in findings.items() if name not in GOLD_DETECTORS | {"kl_trouble.beta_at_bound"})
 
 
 def test_beta_at_bound_reads_the_modules_flag(synth):

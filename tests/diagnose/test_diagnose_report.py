@@ -64,3 +64,27 @@ def test_folder_without_events_is_a_usage_error(tmp_path, capsys):
 
 def test_family_titles_cover_every_family():
     assert set(FAMILY_TITLES) == set(FAMILIES)
+
+
+def test_run_without_a_gold_judge_says_so_once_and_prints_no_nan(tmp_path, synth, capsys):
+    """A user's own data: no gold reward; a short run (2 iterations: no trend yet) with a fixed KL controller."""
+    run = tmp_path / "own_data"
+    points = {tag: {k: v for k, v in pts.items() if k < 2} for tag, pts in synth.healthy_points().items()}
+    points = {tag: pts for tag, pts in points.items() if pts and "gold" not in tag}
+    points["objective/kl_coef_at_bound"] = {0: 0.0, 1: 0.0}
+    synth.write_events(run, points, {"kl": {"controller": "fixed", "coef": 0.05}})
+    rlhf_main(["diagnose", str(run), "--out", str(tmp_path / "report")])
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "nan" not in report.lower() and "None" not in report
+    assert report.count("no gold judge for this data") == 2  # the family's verdict, and the one line that says why
+    assert "| annotation distribution shift (flawed reward model) | not evaluated (no gold judge for this data) |" in (
+        report
+    )
+    assert ("- no gold judge for this data: gold reward and win rate are not measured, so "
+            "`reward_hacking.gold_divergence`, `annotation_shift.length_bias`, "
+            "`annotation_shift.proxy_gold_disagreement` (which compare the proxy with the gold reward) were not "
+            "evaluated") in report  # fmt: skip
+    quiet = report.split("### Quiet")[1].split("###")[0]
+    assert "beta_at_bound" not in quiet and "`kl_trouble.beta_at_bound`: not evaluated: kl.controller is fixed" in (
+        report
+    )

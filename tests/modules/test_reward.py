@@ -16,6 +16,7 @@ from rlhf_lightning.checkpoint import RLHF_KEY, load_checkpoint
 from rlhf_lightning.cli import main
 from rlhf_lightning.data import PreferenceDataModule, Tokenizer
 from rlhf_lightning.data.collate import join_left_right
+from rlhf_lightning.diagnose.events import read_scalars
 from rlhf_lightning.models.backbone import load_sft_backbone
 from rlhf_lightning.models.reward import RewardModel, load_reward_model
 from rlhf_lightning.models.sampling import SamplingConfig, generate
@@ -141,6 +142,18 @@ def test_logged_metrics(runs):
     model, _ = load_reward_model(runs / RM_CKPT)
     assert logged["rm/norm_mean"][-1] == pytest.approx(float(model.norm_mean.mean()), abs=1e-5)
     assert logged["rm/norm_std"][-1] == pytest.approx(float(model.norm_std.mean()), abs=1e-5)
+
+
+def test_a_run_ending_between_validations_validates_its_last_step(runs, tmp_path, monkeypatch):
+    """max_steps 5 with val_check_interval 3: validated at step 3 by the interval and at step 5 because it ends."""
+    monkeypatch.chdir(tmp_path)
+    rm_fit(f"--model.init_args.sft_checkpoint={runs / SFT_CKPT}", f"--data.init_args.data_dir={runs / 'runs/world'}",
+           *RM_TINY, "--model.init_args.ensemble_size=1", "--trainer.max_steps=5")  # fmt: skip
+    logged = read_scalars(tmp_path / "runs/rm")
+    assert sorted(logged["rm/accuracy"]) == [2, 4]  # logged at the step before the count (steps 3 and 5)
+    # the checkpoint was saved after that last validation: it holds the normalisation measured there
+    model, _ = load_reward_model(tmp_path / RM_CKPT)
+    assert logged["rm/norm_mean"][4] == pytest.approx(float(model.norm_mean.mean()), abs=1e-5)
 
 
 def test_ensemble_members_differ_and_were_trained(runs, val_batch):
