@@ -39,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -412,7 +413,9 @@ def check_phases(args: argparse.Namespace) -> dict[str, list[str]]:
     from rlhf_lightning.cli import check_command
 
     seed = args.seed if args.seeds is None else args.seeds[0]
-    with tempfile.TemporaryDirectory(prefix="rlhf-check-") as tmp, _phase_context(Path(tmp)):
+    # Its warnings (a file's cuts, ...) are the phases' own, which say them again when they run.
+    with tempfile.TemporaryDirectory(prefix="rlhf-check-") as tmp, _phase_context(Path(tmp)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         for stand_in in ("runs/sft/checkpoints/last.ckpt", "runs/rm/checkpoints/last.ckpt"):
             Path(stand_in).parent.mkdir(parents=True)
             Path(stand_in).touch()

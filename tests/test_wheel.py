@@ -1,5 +1,7 @@
 """The package installed from its wheel, away from the checkout: the wheel holds every config, and `rlhf --help`,
-`rlhf configs --out` and a tiny `rlhf pipeline` run from an empty folder with only the installed copy.
+`rlhf configs --out`, a tiny `rlhf pipeline` on the embedded world and one on a folder of real English text with
+Unicode (`--data-dir`) run from an empty folder with only the installed copy; the second's tokenizer reads every
+text of that folder back exactly, with no unknown token.
 
 Offline: the wheel is built without build isolation (the venv's setuptools, from the dev extra) and installed with
 --no-index --no-deps into a fresh virtualenv that sees this venv's dependencies through a .pth file. Anything that
@@ -7,6 +9,8 @@ cannot be done here fails the test; nothing is skipped."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 import site
@@ -18,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_lightning.cli import SUBCOMMANDS
+from rlhf_lightning.data import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "rlhf_lightning" / "configs"
@@ -87,3 +92,23 @@ def test_the_wheel_installs_and_runs_away_from_the_checkout(tmp_path):
          *(arg for phase in TINY for arg in (f"--{phase}-args", TINY[phase]))], cwd=empty, env=env)  # fmt: skip
     assert (empty / "run" / "summary.json").is_file()
     assert (empty / "run" / "diagnose" / "report.md").is_file()
+
+    # A user's own folder of real text, by the done-when's command: the lengths are sized to it, nothing else given.
+    data = tmp_path / "data"
+    corpus = importlib.util.spec_from_file_location("unicode_corpus", ROOT / "tests" / "data" / "unicode_corpus.py")
+    module = importlib.util.module_from_spec(corpus)
+    corpus.loader.exec_module(module)
+    module.write_unicode_data_dir(data)
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    run([rlhf, "pipeline", "--out", "own", "--data-dir", data,
+         *(arg for phase in TINY for arg in (f"--{phase}-args", TINY[phase]))], cwd=empty, env=env)  # fmt: skip
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before  # nothing written into the user's folder
+    summary = json.loads((empty / "own" / "summary.json").read_text())
+    assert summary["gold_reward_ppo"] is None and summary["rm_accuracy"] is not None
+    tokenizer = Tokenizer.load(empty / "own" / "runs" / "sft" / "checkpoints")
+    assert tokenizer.unk_id is None
+    texts = [value for path in data.glob("*.jsonl") for line in path.read_text(encoding="utf-8").splitlines()
+             for value in json.loads(line).values()]  # fmt: skip
+    assert any(ord(ch) > 0xFFFF for text in texts for ch in text) and any("東" in text for text in texts)
+    for text in texts:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
