@@ -424,8 +424,8 @@ def check_phases(args: argparse.Namespace) -> dict[str, list[str]]:
         # Sized only where a TinyGPT is trained here (its max_seq_len is a setting): a reused SFT checkpoint or a
         # Hugging Face model fixes the positions, and the configs' budgets are checked against the data as they are.
         if args.data_dir is not None and plan["sft"] is not None and args.hf_model is None:
-            sized = _phase_errors(
-                "sft", lambda: sized_lengths(*check_command(plan["sft"]), check_command(plan["ppo"])[0])
+            sized = _phase_errors(  # reads every file of the folder, whichever phase it is for
+                "--data-dir", lambda: sized_lengths(*check_command(plan["sft"]), check_command(plan["ppo"])[0])
             )
         tokenizer = None
         for phase, cmd in phase_plan(args, Path(tmp), seed, sized):
@@ -447,11 +447,12 @@ def check_phases(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def _phase_errors(phase: str, check: Callable[[], Any]) -> Any:
-    """``check()``, a user error in it reported as the phase's."""
+    """``check()``, a user error in it reported as the phase's (or as ``--data-dir``'s)."""
     try:
         return check()
     except USER_ERRORS as err:
-        raise UsageError(f"{phase} phase: {user_message(err)}") from err
+        where = phase if phase.startswith("--") else f"{phase} phase"
+        raise UsageError(f"{where}: {user_message(err)}") from err
 
 
 #: The longest budgets (tokens) :func:`sized_lengths` gives: longer texts are cut, with a warning, rather than a tiny

@@ -89,14 +89,15 @@ def test_a_damaged_file_is_refused_naming_it(runs, tmp_path, how):
 
 
 def ppo_fit(runs: Path, *extra: str) -> None:
-    """``rlhf fit -c configs/ppo.yaml`` on the fixture's checkpoints and world, with ``extra`` arguments last."""
-    main(["fit", "-c", str(CONFIGS / "ppo.yaml"), f"--model.init_args.sft_checkpoint={runs / SFT_CKPT}",
+    """``rlhf fit -c configs/ppo.yaml`` on the fixture's checkpoints and world, with ``extra`` arguments last (under
+    ``--debug``: a refusal raises its own exception, not rlhf's one-line exit)."""
+    main(["--debug", "fit", "-c", str(CONFIGS / "ppo.yaml"), f"--model.init_args.sft_checkpoint={runs / SFT_CKPT}",
           f"--model.init_args.reward_checkpoint={runs / RM_CKPT}", f"--data.init_args.data_dir={runs / 'runs/world'}",
           "--data.init_args.generate_world=false", "--data.init_args.eval_prompts=8", *QUIET, *extra])  # fmt: skip
 
 
 def rm_fit(runs: Path, *extra: str) -> None:
-    main(["fit", "-c", str(CONFIGS / "rm.yaml"), f"--data.init_args.data_dir={runs / 'runs/world'}",
+    main(["--debug", "fit", "-c", str(CONFIGS / "rm.yaml"), f"--data.init_args.data_dir={runs / 'runs/world'}",
           "--data.init_args.generate_world=false", "--data.init_args.batch_size=8", "--model.init_args.norm_samples=4",
           *ONE_STEP, *extra])  # fmt: skip
 
@@ -170,7 +171,7 @@ def test_resuming_with_another_tokenizer_names_the_checkpoint(runs, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     ckpt = runs / SFT_CKPT
     with pytest.raises(ValueError, match=re.escape(f"the tokenizer of checkpoint {ckpt} differs from the data module")):
-        main(["fit", "-c", str(CONFIGS / "sft.yaml"), *TINY_SFT, f"--data.init_args.data_dir={runs / 'runs/world'}",
-              "--data.init_args.generate_world=false", f"--data.init_args.tokenizer_path={runs / 'own_tok'}",
+        main(["--debug", "fit", "-c", str(CONFIGS / "sft.yaml"), *TINY_SFT,
+              f"--data.init_args.data_dir={runs / 'runs/world'}", "--data.init_args.generate_world=false", f"--data.init_args.tokenizer_path={runs / 'own_tok'}",
               f"--ckpt_path={ckpt}"])  # fmt: skip
     assert_nothing_trained(tmp_path / "runs")

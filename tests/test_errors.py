@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_lightning.cli import main
+from rlhf_lightning.data import Tokenizer, write_jsonl
 from rlhf_lightning.errors import UsageError, condense, user_message
 from rlhf_lightning.world import WorldConfig, write_world
 
@@ -92,7 +93,7 @@ def test_a_bad_preference_record_names_file_line_and_field(user_data, tmp_path, 
     (data / "prefs_val.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
     message = one_line_error(capsys, ["pipeline", "--out", str(out), "--data-dir", str(data)])
-    assert message == f"rm phase: {data / 'prefs_val.jsonl'}:3: field 'chosen': expected a non-empty string, got int"
+    assert message == f"--data-dir: {data / 'prefs_val.jsonl'}:3: field 'chosen': expected a non-empty string, got int"
     assert not out.exists()
 
 
@@ -102,8 +103,37 @@ def test_a_utf16_file_is_one_line_naming_the_file(user_data, tmp_path, capsys):
     path.write_bytes(path.read_text(encoding="utf-8").encode("utf-16"))
     out = tmp_path / "run"
     message = one_line_error(capsys, ["pipeline", "--out", str(out), "--data-dir", str(data)])
-    assert message == f"sft phase: {path}: file is UTF-16 (byte-order mark FF FE); save it as UTF-8"
+    assert message == f"--data-dir: {path}: file is UTF-16 (byte-order mark FF FE); save it as UTF-8"
     assert not out.exists()
+
+
+def test_a_checkpoint_tokenizer_of_other_text_is_refused_before_training(user_data, tmp_path, capsys):
+    # An SFT run on other text: its tokenizer (word-level, as the world's) beside its checkpoint. The check builds the
+    # phases without reading the checkpoint itself, so a stand-in file is enough to get there.
+    sft = tmp_path / "other_sft"
+    sft.mkdir()
+    (sft / "last.ckpt").write_bytes(b"")
+    Tokenizer.train_word_level(["an entirely different vocabulary of other words"]).save(sft)
+    out = tmp_path / "run"
+    message = one_line_error(capsys, ["pipeline", "--out", str(out), "--data-dir", str(user_data),
+                                      "--sft-checkpoint", str(sft / "last.ckpt")])  # fmt: skip
+    assert message.startswith(f"rm phase: {user_data / 'prefs_train.jsonl'}: ")
+    assert "of its tokens are the tokenizer's unknown token (data.init_args.max_unk_rate: 0.01)" in message
+    assert not out.exists()
+
+
+def test_a_prompt_the_budget_would_cut_is_refused_naming_the_setting(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    long_prompt = "Please read the following instruction carefully before you answer it: " * 3
+    write_jsonl(data / "sft_train.jsonl", [{"prompt": long_prompt, "response": "Yes."}] * 4)
+    write_jsonl(data / "sft_val.jsonl", [{"prompt": "Short?", "response": "Yes."}] * 2)
+    write_jsonl(data / "prompts_val.jsonl", [{"prompt": "Short?"}] * 2)
+    monkeypatch.chdir(tmp_path)
+    message = one_line_error(capsys, ["fit", "-c", "sft", f"--data.init_args.data_dir={data}",
+                                      "--data.init_args.generate_world=false"])  # fmt: skip
+    assert message.startswith(f"{data / 'sft_train.jsonl'}: data.init_args.max_prompt_len: 16 would cut 4 of 4 prompts")
+    assert not list(tmp_path.rglob("*.ckpt"))  # stopped before training
 
 
 def test_fit_config_mistakes_are_one_line(tmp_path, monkeypatch, capsys):

@@ -58,7 +58,7 @@ def scalars(run_dir) -> dict[str, list[float]]:
 
 
 def rm_fit(*args: str) -> None:
-    main(["fit", "-c", str(CONFIGS / "rm.yaml"), *args])
+    main(["--debug", "fit", "-c", str(CONFIGS / "rm.yaml"), *args])  # --debug: a refusal raises its own exception
 
 
 @pytest.fixture(scope="module")
