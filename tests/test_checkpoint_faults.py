@@ -172,6 +172,6 @@ def test_resuming_with_another_tokenizer_names_the_checkpoint(runs, tmp_path, mo
     ckpt = runs / SFT_CKPT
     with pytest.raises(ValueError, match=re.escape(f"the tokenizer of checkpoint {ckpt} differs from the data module")):
         main(["--debug", "fit", "-c", str(CONFIGS / "sft.yaml"), *TINY_SFT,
-              f"--data.init_args.data_dir={runs / 'runs/world'}", "--data.init_args.generate_world=false", f"--data.init_args.tokenizer_path={runs / 'own_tok'}",
-              f"--ckpt_path={ckpt}"])  # fmt: skip
+              f"--data.init_args.data_dir={runs / 'runs/world'}", "--data.init_args.generate_world=false",
+              f"--data.init_args.tokenizer_path={runs / 'own_tok'}", f"--ckpt_path={ckpt}"])  # fmt: skip
     assert_nothing_trained(tmp_path / "runs")
