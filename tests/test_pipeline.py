@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from unicode_corpus import write_unicode_data_dir
 
 from rlhf_lightning import pipeline
 from rlhf_lightning.cli import main
@@ -304,3 +305,24 @@ def test_bad_presets_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_preset(tmp_path / "nope.yaml")
     assert shlex.split(TINY["ppo"])  # the tiny overrides parse as a command line
+
+
+def test_data_dir_budgets_are_sized_to_the_data(tmp_path):
+    data = tmp_path / "data"
+    write_unicode_data_dir(data)
+    args = pipeline._parse_args(["--out", str(tmp_path / "run"), "--data-dir", str(data)])
+    sized = pipeline.check_phases(args)
+    # Two ~1,100-token responses among the folder's: the response budget is capped, and they are cut with a warning;
+    # the prompts (at most 17 tokens) all fit.
+    data_args = ["--data.init_args.max_prompt_len=17", "--data.init_args.max_response_len=256",
+                 "--data.init_args.truncation=warn"]  # fmt: skip
+    assert sized == {
+        "sft": [*data_args, "--model.init_args.backbone.max_seq_len=273",
+                "--model.init_args.eval_sampling.max_new_tokens=256"],
+        "rm": [*data_args, "--model.init_args.norm_sampling.max_new_tokens=256"],
+        "ppo": [*data_args, "--model.init_args.sampling.max_new_tokens=256"],
+    }  # fmt: skip
+    assert not (tmp_path / "run").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    # the phases get them before the user's own overrides, which win
+    (sft_cmd,) = [cmd for phase, cmd in pipeline.phase_plan(args, tmp_path, None, sized) if phase == "sft"]
+    assert sft_cmd[-len(sized["sft"]) :] == sized["sft"]

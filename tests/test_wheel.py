@@ -9,7 +9,6 @@ cannot be done here fails the test; nothing is skipped."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from unicode_corpus import write_unicode_data_dir
 
 from rlhf_lightning.cli import SUBCOMMANDS
 from rlhf_lightning.data import Tokenizer
@@ -95,10 +95,7 @@ def test_the_wheel_installs_and_runs_away_from_the_checkout(tmp_path):
 
     # A user's own folder of real text, by the done-when's command: the lengths are sized to it, nothing else given.
     data = tmp_path / "data"
-    corpus = importlib.util.spec_from_file_location("unicode_corpus", ROOT / "tests" / "data" / "unicode_corpus.py")
-    module = importlib.util.module_from_spec(corpus)
-    corpus.loader.exec_module(module)
-    module.write_unicode_data_dir(data)
+    write_unicode_data_dir(data)
     before = {p.name: p.read_bytes() for p in data.iterdir()}
     run([rlhf, "pipeline", "--out", "own", "--data-dir", data,
          *(arg for phase in TINY for arg in (f"--{phase}-args", TINY[phase]))], cwd=empty, env=env)  # fmt: skip

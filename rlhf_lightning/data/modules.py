@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
@@ -42,7 +43,7 @@ from rlhf_lightning.data.collate import (
     tokenize_sft,
 )
 from rlhf_lightning.data.formats import PARQUET, chat_template_of, find_data_file, locations, read_records
-from rlhf_lightning.data.jsonl import SCHEMAS, JsonlData
+from rlhf_lightning.data.jsonl import JsonlData
 from rlhf_lightning.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from rlhf_lightning.world import WORDS, Annotators, GoldJudge, JudgeConfig, WorldConfig, write_world
 from rlhf_lightning.world.annotators import Ended
@@ -255,19 +256,22 @@ class RLHFDataModule(L.LightningDataModule):
 
     def text_lengths(self) -> tuple[list[int], list[int]]:
         """The token lengths of every prompt, and of every response with its EOS, in data_dir's training and
-        validation files of all three kinds (those that exist): what every phase's length budgets must hold. Needs
-        the tokenizer (``setup``)."""
+        validation files of all three kinds (those that exist), as the truncation policy counts them: what every
+        phase's length budgets must hold. Needs the tokenizer (``setup``)."""
         prompts: list[int] = []
         responses: list[int] = []
+        unbounded = sys.maxsize
+        tokenize = {"sft": partial(tokenize_sft, max_response_len=unbounded),
+                    "preference": partial(tokenize_preferences, max_response_len=unbounded),
+                    "prompt": tokenize_prompts}  # fmt: skip
         for name, kind in FILES:
             try:
-                path = self.file(name)
+                records, where = self._read(name, kind)
             except FileNotFoundError:  # a data set need not have every phase's files
                 continue
-            records = self._read_file(path, kind).records
-            prompts += map(len, self.tokenizer.encode_batch([r["prompt"] for r in records]))
-            for field in SCHEMAS[kind][1:]:  # the responses: a prompt record has none
-                responses += [len(ids) + 1 for ids in self.tokenizer.encode_batch([r[field] for r in records])]
+            stats = tokenize[kind](records, self.tokenizer, max_prompt_len=unbounded, where=where)[1]
+            prompts += stats.prompt_lengths
+            responses += stats.response_lengths
         return prompts, responses
 
     def _check_tokenized(self, key: str, path: Path, stats: TruncationStats) -> None:
