@@ -13,7 +13,6 @@ from torch.autograd.function import once_differentiable
 
 from rlhf_kernels import reference
 from rlhf_kernels.dispatch import resolve_backend
-from rlhf_kernels.ppo_terms import ppo_token_terms
 from rlhf_kernels.types import KL_ESTIMATORS, SAMPLED_KL_ESTIMATORS, PPOLossStats
 from rlhf_kernels.validate import (
     check_choice,
@@ -69,59 +68,37 @@ class _PPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, old_logp, advantages, valid, ref_logp, ref_logits, cfg, temperature, inplace,
                 backend):  # type: ignore[override]  # fmt: skip
-        n = logits.shape[0]
         cdt = reference.compute_dtype(logits.dtype)
+        # Everything stays on the device: no .item(), bool() or nonzero() (each a host sync) anywhere on this path.
         inv_count = 1.0 / valid.sum().clamp(min=1).to(cdt)
-        per_token = torch.zeros(4, n, dtype=cdt, device=logits.device)  # loss, clipped, approx_kl, ratio
-        c_lp = torch.zeros(n, dtype=cdt, device=logits.device)
-        c_h = torch.zeros_like(c_lp) if cfg["entropy_coef"] != 0.0 else None
         # The exact KL in the loss: its statistics are read before anything overwrites the logits, and its gradient
         # (weight c_kl per row) is the KL op's own, added to the PPO terms' gradient.
         full = ref_logits is not None
         kl_stats = backend.kl_forward(logits, ref_logits, temperature) if full else None
-        c_kl = torch.where(valid, cfg["kl_coef"] * inv_count, torch.zeros_like(c_lp)) if full else None
-
-        def coef_fn(rows: slice, logp: torch.Tensor, entropy: torch.Tensor):
-            terms = ppo_token_terms(
-                logp, entropy, old_logp[rows], advantages[rows], valid[rows], inv_count,
-                ref_logp=None if ref_logp is None else ref_logp[rows], **cfg,
-                full_kl=kl_stats[0][rows] if full else None,
-            )  # fmt: skip
-            for i, x in enumerate((terms.loss, terms.clipped, terms.approx_kl, terms.ratio)):
-                per_token[i, rows] = x
-            c_lp[rows] = terms.c_lp
-            if c_h is not None:
-                c_h[rows] = terms.c_h
-            return terms.c_lp, terms.c_h
-
-        # Masked rows get an exactly zero gradient even where their logits are NaN or inf (padding): their
-        # coefficients are 0, but 0 * NaN is NaN, so the rows are cleared after the gradient is written.
-        ctx.invalid_rows = (~valid).nonzero().squeeze(1)
+        c_kl = torch.where(valid, cfg["kl_coef"] * inv_count, torch.zeros_like(inv_count)) if full else None
+        full_kl = kl_stats[0] if full else None
         grad_now = inplace and ctx.needs_input_grad[0]
         ctx.backend, ctx.temperature, ctx.grad_in_logits, ctx.full = backend, temperature, grad_now, full
+        args = (logits, targets, old_logp, advantages, valid, ref_logp, full_kl, inv_count, cfg, temperature)
         if grad_now:
-            # The gradient (for a unit upstream gradient) overwrites the logits: the caller promised they are not
-            # needed afterwards, so backward is a no-op or one scale. Only the exact KL needs a second (N, V) buffer
-            # (its gradient, taken from the logits before they are overwritten).
-            kl_grad = _kl_grad(backend, logits, ref_logits, kl_stats, c_kl, temperature) if full else None
-            stats = backend.logprob_forward(logits, targets, ctx.temperature, True, coef_fn, grad_out=logits)
+            # The gradient (for a unit upstream gradient, exactly 0 at masked rows) overwrites the logits: the caller
+            # promised they are not needed afterwards, so backward is a no-op or one scale. Only the exact KL needs a
+            # second (N, V) buffer (its gradient, taken from the logits before they are overwritten).
+            kl_grad = _kl_grad(backend, logits, ref_logits, kl_stats, c_kl, temperature, valid) if full else None
+            rows = backend.ppo_forward(*args, grad_out=logits)
             if full:
                 logits.add_(kl_grad)
-            logits.index_fill_(0, ctx.invalid_rows, 0.0)
             # A kernel's write through the data pointer is invisible to autograd: bump the version counter (shared
             # with every view) explicitly, so a node that saved these logits raises in backward instead of reading
-            # the gradient; the fill above bumps it too, but only as a side effect of a row clean-up.
+            # the gradient.
             torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(logits)
         else:
-            stats = backend.logprob_forward(logits, targets, ctx.temperature, True)
-            coef_fn(slice(0, n), stats.logp, stats.entropy)
+            rows = backend.ppo_forward(*args)
             kl_saved = (ref_logits, *kl_stats, c_kl) if full else ()
-            ctx.save_for_backward(logits, targets, stats.lse, stats.entropy, c_lp, c_lp if c_h is None else c_h,
-                                  *kl_saved)  # fmt: skip
-            ctx.has_c_h = c_h is not None
-        entropy_mean = torch.where(valid, stats.entropy, torch.zeros_like(stats.entropy)).sum() * inv_count
-        loss, clip_fraction, approx_kl, ratio = per_token.sum(dim=1).unbind()
+            ctx.save_for_backward(logits, targets, valid, inv_count, rows.lse, rows.entropy, rows.c_lp, *kl_saved)
+            ctx.entropy_coef = cfg["entropy_coef"]
+        loss, clip_fraction, approx_kl, ratio, entropy_mean = rows.terms.sum(dim=1).unbind()
         return loss, clip_fraction, approx_kl, entropy_mean, ratio
 
     @staticmethod
@@ -129,31 +106,37 @@ class _PPOLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *_unused):  # type: ignore[override]
         if ctx.grad_in_logits:
             (grad,) = ctx.saved_tensors
-            if not bool((grad_loss == 1).all()):
-                grad.mul_(grad_loss.to(grad.dtype))
+            ctx.backend.scale_(grad, grad_loss)
         else:
-            logits, targets, lse, entropy, c_lp, c_h, *kl_saved = ctx.saved_tensors
+            logits, targets, valid, inv_count, lse, entropy, c_lp, *kl_saved = ctx.saved_tensors
+            c_h = None
+            if ctx.entropy_coef != 0.0:
+                c_h = torch.where(valid, -ctx.entropy_coef * inv_count * grad_loss, torch.zeros_like(c_lp))
             grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
             ctx.backend.logprob_backward(
-                logits, targets, lse, entropy, c_lp * grad_loss, c_h * grad_loss if ctx.has_c_h else None,
-                ctx.temperature, grad,
-            )  # fmt: skip
+                logits, targets, lse, entropy, c_lp * grad_loss, c_h, ctx.temperature, grad, valid
+            )
             if ctx.full:
                 ref_logits, kl, lse_p, lse_q, c_kl = kl_saved
                 grad.add_(_kl_grad(ctx.backend, logits, ref_logits, (kl, lse_p, lse_q), c_kl * grad_loss,
-                                   ctx.temperature))  # fmt: skip
-            grad.index_fill_(0, ctx.invalid_rows, 0.0)
+                                   ctx.temperature, valid))  # fmt: skip
         return grad, None, None, None, None, None, None, None, None, None, None
 
 
 def _kl_grad(
-    backend, logits: torch.Tensor, ref_logits: torch.Tensor, kl_stats: tuple, c: torch.Tensor, temperature: float
+    backend,
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    kl_stats: tuple,
+    c: torch.Tensor,
+    temperature: float,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, V) d/d logits of ``sum_rows c * KL(pi || pi_ref)``; ``kl_stats`` is ``backend.kl_forward``'s (kl, lse_p,
-    lse_q), each (N,), and c is (N,)."""
+    lse_q), each (N,), and c is (N,); rows not ``valid`` are exact zeros."""
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     kl, lse_p, lse_q = kl_stats
-    backend.kl_backward(logits, ref_logits, lse_p, lse_q, kl, c.contiguous(), temperature, out)
+    backend.kl_backward(logits, ref_logits, lse_p, lse_q, kl, c.contiguous(), temperature, out, valid)
     return out
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_kernels.ppo_terms import ppo_token_terms
 from rlhf_kernels.reference import compute_dtype
-from rlhf_kernels.types import CoefFn, RowStats
+from rlhf_kernels.types import CoefFn, PPORows, RowStats
 
 #: Elements of one row chunk: 2^20 fp32 elements = 4 MiB per temporary, measured fastest on the benchmark machine
 #: (smaller chunks pay per-op overhead, larger ones fall out of cache).
@@ -93,6 +94,7 @@ def _write_logprob_grad(
     entropy: torch.Tensor | None,
     temperature: float,
     out: torch.Tensor,
+    valid: torch.Tensor | None,
 ) -> None:
     """Writes d/d logits of ``sum c_lp * logp(target) + c_h * H`` into out.
 
@@ -109,6 +111,7 @@ def _write_logprob_grad(
         c_h: (n,) coefficient of the entropy, or None for none.
         entropy: (n,) row entropies (needed when c_h is given).
         out: (n, V) destination, any floating dtype; may alias the logits.
+        valid: (n,) bool or None; rows not valid get exact zeros (their logits may be NaN or inf: padding).
     """
     inv_s = torch.exp(-log_s) / temperature
     a = -c_lp * inv_s
@@ -123,6 +126,10 @@ def _write_logprob_grad(
     g.scatter_add_(1, targets.unsqueeze(1), (c_lp / temperature).unsqueeze(1).to(g.dtype))
     if g is not out:
         out.copy_(g)
+    if valid is not None:
+        # The chunk is still in cache: clearing it here costs no extra pass over memory. A product would not do:
+        # 0 * NaN is NaN.
+        out.masked_fill_(~valid.unsqueeze(1), 0.0)
 
 
 def logprob_forward(
@@ -132,6 +139,7 @@ def logprob_forward(
     with_entropy: bool,
     coef_fn: CoefFn | None = None,
     grad_out: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> RowStats:
     """Per-row log p(target), log-sum-exp and entropy; optionally the gradient in the same pass.
 
@@ -141,6 +149,7 @@ def logprob_forward(
         coef_fn: called per row chunk as ``coef_fn(rows, logp, entropy) -> (c_lp, c_h)``; when given, the gradient of
             ``sum c_lp * logp + c_h * entropy`` w.r.t. the logits is written into ``grad_out`` (N, V), which may be the
             logits themselves.
+        valid: (N,) bool or None: rows whose gradient is zeroed (see :func:`_write_logprob_grad`).
 
     Returns:
         RowStats of (N,) tensors in the compute dtype.
@@ -170,7 +179,8 @@ def logprob_forward(
         if coef_fn is not None:
             ent = None if entropy is None else entropy[rows]
             c_lp, c_h = coef_fn(rows, logp[rows], ent)
-            _write_logprob_grad(zs, e, log_s, t, c_lp, c_h, ent, temperature, grad_out[rows])
+            ok = None if valid is None else valid[rows]
+            _write_logprob_grad(zs, e, log_s, t, c_lp, c_h, ent, temperature, grad_out[rows], ok)
     return RowStats(logp, lse, entropy)
 
 
@@ -183,6 +193,7 @@ def logprob_backward(
     c_h: torch.Tensor | None,
     temperature: float,
     out: torch.Tensor,
+    valid: torch.Tensor | None = None,
 ) -> None:
     """Writes d/d logits of ``sum c_lp * logp(target) + c_h * H`` into out, from the saved row statistics.
 
@@ -194,6 +205,7 @@ def logprob_backward(
         c_lp: (N,) upstream gradient of logp.
         c_h: (N,) upstream gradient of the entropy, or None.
         out: (N, V) destination.
+        valid: (N,) bool or None: rows not valid get exact zeros.
     """
     n, v = logits.shape
     for rows in _row_chunks(n, v):
@@ -208,6 +220,7 @@ def logprob_backward(
             None if entropy is None else entropy[rows],
             temperature,
             out[rows],
+            None if valid is None else valid[rows],
         )
 
 
@@ -246,6 +259,7 @@ def kl_backward(
     c: torch.Tensor,
     temperature: float,
     out: torch.Tensor,
+    valid: torch.Tensor | None = None,
 ) -> None:
     """Writes d/d logits of ``sum c * KL`` into out: c * p_j (log p_j - log q_j - KL) / T.
 
@@ -253,6 +267,7 @@ def kl_backward(
         logits, ref_logits: (N, V).
         lse_p, lse_q, kl, c: (N,).
         out: (N, V) destination.
+        valid: (N,) bool or None: rows not valid get exact zeros.
     """
     n, v = logits.shape
     for rows in _row_chunks(n, v):
@@ -261,3 +276,60 @@ def kl_backward(
         p = torch.exp(logp)
         g = logp.sub_(logq).sub_(kl[rows].unsqueeze(1)).mul_(p).mul_((c[rows] / temperature).unsqueeze(1))
         out[rows].copy_(g)
+        if valid is not None:
+            out[rows].masked_fill_(~valid[rows].unsqueeze(1), 0.0)
+
+
+def ppo_forward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    valid: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    full_kl: torch.Tensor | None,
+    inv_count: torch.Tensor,
+    cfg: dict,
+    temperature: float,
+    grad_out: torch.Tensor | None = None,
+) -> PPORows:
+    """Row statistics and the per-token PPO terms; with ``grad_out`` also d loss / d logits, chunk by chunk.
+
+    Args:
+        logits: (N, V); targets, old_logp, advantages, valid (bool), ref_logp (or None): (N,).
+        full_kl: (N,) exact KL of each row when cfg's estimator is "full" with kl_coef != 0, else None.
+        inv_count: 0-dim, 1 / number of valid tokens.
+        cfg: the keyword arguments of :func:`rlhf_kernels.ppo_terms.ppo_token_terms` that configure the loss.
+        grad_out: (N, V) destination of the gradient (for a unit upstream gradient; zero at masked rows), which may
+            be the logits themselves; None to skip it.
+    """
+    n = logits.shape[0]
+    cdt = compute_dtype(logits.dtype)
+    terms = torch.zeros(5, n, dtype=cdt, device=logits.device)
+    c_lp = torch.zeros(n, dtype=cdt, device=logits.device)
+
+    def coef_fn(rows: slice, logp: torch.Tensor, entropy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        t = ppo_token_terms(
+            logp, entropy, old_logp[rows], advantages[rows], valid[rows], inv_count,
+            ref_logp=None if ref_logp is None else ref_logp[rows], full_kl=None if full_kl is None else full_kl[rows],
+            **cfg,
+        )  # fmt: skip
+        for i, x in enumerate((t.loss, t.clipped, t.approx_kl, t.ratio)):
+            terms[i, rows] = x
+        terms[4, rows] = torch.where(valid[rows], entropy * inv_count, torch.zeros_like(entropy))
+        c_lp[rows] = t.c_lp
+        return t.c_lp, t.c_h
+
+    if grad_out is None:
+        stats = logprob_forward(logits, targets, temperature, True)
+        coef_fn(slice(0, n), stats.logp, stats.entropy)
+    else:
+        stats = logprob_forward(logits, targets, temperature, True, coef_fn, grad_out, valid)
+    return PPORows(terms, stats.lse, stats.entropy, c_lp)
+
+
+def scale_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """grad *= factor in place (factor 0-dim). On the CPU, where reading the factor costs no device sync, the usual
+    unit factor skips the pass over (N, V); on another device (this backend forced there) the multiply is queued."""
+    if grad.device.type != "cpu" or bool(factor != 1):
+        grad.mul_(factor.to(grad.dtype))

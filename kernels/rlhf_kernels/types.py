@@ -32,13 +32,29 @@ class RowStats(NamedTuple):
     """Per-row statistics of softmax(logits / T) that a forward pass keeps for its backward.
 
     logp: (N,) log p(target), clamped to <= 0.
-    lse: (N,) log-sum-exp of logits / T.
+    lse: (N,) the row's log-sum-exp in the backend's own units, read back only by the same backend's backward: of
+        logits / T for the torch backend, T times that (in the logits' units) for the Triton one.
     entropy: (N,) entropy of each row, or None when it was not asked for.
     """
 
     logp: torch.Tensor
     lse: torch.Tensor
     entropy: torch.Tensor | None
+
+
+class PPORows(NamedTuple):
+    """Per-row results of a backend's fused PPO forward, each in the compute dtype.
+
+    terms: (5, N) per-token loss, clipped flag, approx_kl, ratio and entropy, each already divided by the number of
+        valid tokens and 0 at masked ones, so that a row sum is the batch mean.
+    lse, entropy: (N,) as in :class:`RowStats` (0 at masked rows on the Triton backend).
+    c_lp: (N,) d loss / d logp(target) (the entropy's coefficient is uniform: -entropy_coef / count at valid rows).
+    """
+
+    terms: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor
+    c_lp: torch.Tensor
 
 
 #: Called by a backend's fused forward per chunk of rows as ``coef_fn(rows, logp, entropy) -> (c_lp, c_h)``: the

@@ -1,13 +1,28 @@
 """Argument checks for the public ops: bad input is a ValueError naming the argument, never a wrong answer or a
-device-side assert inside a kernel."""
+device-side assert inside a kernel.
+
+Checks of shapes, dtypes and devices are free. A check of tensor *values* (target ids in range) reads the data on
+the host, which for a GPU tensor is a device synchronisation that stalls the training step: it runs on CPU tensors
+always, on other devices only when the environment variable :data:`CHECK_VALUES_ENV` is 1 (debugging). Unchecked,
+an out-of-range id reads nothing out of bounds in a Triton kernel: its log-prob is NaN.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: Set to 1 to check tensor values on every device, at the cost of a host sync per call (see the module docstring).
+CHECK_VALUES_ENV = "RLHF_KERNELS_CHECK_VALUES"
+
+
+def values_checked(t: torch.Tensor) -> bool:
+    """Whether value checks run for tensors on the device of ``t``."""
+    return t.device.type == "cpu" or os.environ.get(CHECK_VALUES_ENV) == "1"
 
 
 def check_tensor(name: str, value: object) -> torch.Tensor:
@@ -49,7 +64,8 @@ def check_vector(name: str, value: object, n: int, like: torch.Tensor, like_name
 
 
 def check_targets(targets: object, logits: torch.Tensor, name: str = "targets") -> torch.Tensor:
-    """Checks (N,) integer token ids in [0, V) on the logits' device; returns them as contiguous int64."""
+    """Checks (N,) integer token ids on the logits' device, and that they lie in [0, V) where
+    :func:`values_checked`; returns them as contiguous int64."""
     targets = check_tensor(name, targets)
     n, v = logits.shape
     if targets.shape != (n,):
@@ -59,7 +75,7 @@ def check_targets(targets: object, logits: torch.Tensor, name: str = "targets") 
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {targets.dtype}")
     targets = targets.to(torch.int64).contiguous()
-    if n:
+    if n and values_checked(targets):
         bad = ((targets < 0) | (targets >= v)).nonzero()
         if bad.numel():
             i = int(bad[0, 0])
