@@ -233,7 +233,7 @@ def _logprob_stats_kernel(
     rows, base, head, main_len = _tile(V, stride_x, ROWS, VEC, BLOCK)
     live = rows < N
     k = tl.load(scale_ptr)
-    t, x_t = _target_logit(x_ptr, t_ptr, rows, base, live, V)  # issued before the loop, its latency hidden by it
+    _, x_t = _target_logit(x_ptr, t_ptr, rows, base, live, V)  # issued before the loop, its latency hidden by it
     lse, ent = _row_logsumexp_entropy(
         x_ptr, base, head, main_len, live, V, k, tl.load(scale_ptr + 1), False, BLOCK, ROWS, VEC, CDT, LOWEST
     )

@@ -19,6 +19,7 @@ from rlhf_kernels import (
     token_logprobs,
 )
 from rlhf_kernels.reference import token_logprobs_reference
+from rlhf_kernels.validate import CHECK_VALUES_ENV
 
 CPU = torch.device("cpu")
 
@@ -219,7 +220,8 @@ INVALID: dict[str, tuple[Callable[[], object], str]] = {
 
 
 @pytest.mark.parametrize("case", list(INVALID))
-def test_invalid_arguments(case: str) -> None:
+def test_invalid_arguments(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    monkeypatch.setenv(CHECK_VALUES_ENV, "1")  # target ids are checked on a GPU only when asked (a host sync)
     call, message = INVALID[case]
     with pytest.raises(ValueError, match=message):
         call()
@@ -228,8 +230,19 @@ def test_invalid_arguments(case: str) -> None:
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_checks_run_before_any_kernel(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     """A bad target id is reported by the checks, on either backend, before a kernel could read out of bounds."""
+    monkeypatch.setenv(CHECK_VALUES_ENV, "1")
     module = resolve_backend(backend, _test_device())
     calls = _spy(monkeypatch, module, "logprob_forward")
     with pytest.raises(ValueError, match=r"targets\[0\]"):
         token_logprobs(_logits(), _targets_with(0, -3), backend=backend)
     assert not calls
+
+
+def test_target_values_are_checked_on_cpu_or_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlhf_kernels.validate import values_checked
+
+    monkeypatch.delenv(CHECK_VALUES_ENV, raising=False)
+    assert values_checked(torch.zeros(1, device="cpu"))
+    assert not values_checked(torch.zeros(1, device="meta"))  # any non-CPU device: no host sync by default
+    monkeypatch.setenv(CHECK_VALUES_ENV, "1")
+    assert values_checked(torch.zeros(1, device="meta"))
