@@ -6,16 +6,23 @@
 Cases (``op:N:V:H:dtype``):
 - ``token_logprobs``: forward only, logits given. Naive: log_softmax + gather.
 - ``ppo_loss_logits``: the loss alone, forward + backward from given (N, V) logits (``inplace=False``: a statistics
-  pass, then a gradient pass that reads and writes): the case to compare with the three-pass floor.
+  pass, then a gradient pass that reads and writes).
+- ``ppo_loss_inplace``: the same with ``inplace=True``, the training setting: one kernel reads the logits twice and
+  writes the gradient over them; backward is free for a unit upstream gradient.
 - ``ppo_loss``: forward + backward with the logits produced as in a model, ``hidden (N, H) @ lm_head (V, H)^T``,
   gradients flowing back to both. Naive: log_softmax + gather + clipped objective under autograd. Fused:
   :func:`rlhf_kernels.ppo_loss_from_logits` with ``inplace=True`` (the training-step setting).
 
 Implementations: ``naive``, ``torch`` (the chunked fallback) and, on CUDA, ``triton``. Peak memory is measured above
 the inputs: on CUDA with the allocator's peak counter; on CPU each case runs in a fresh process whose peak resident
-set (VmHWM) is reset once the inputs exist. On CUDA the fused outputs are first checked against the naive ones.
-Bandwidth counts the bytes a fused op must move at least: one read of the logits for ``token_logprobs``, three passes
-(read, read, write) for ``ppo_loss``.
+set (VmHWM) is reset once the inputs exist. On CUDA the fused outputs are first checked against the naive ones,
+and times come from CUDA events around each run.
+
+Honesty columns (CUDA): with E = N * V * bytes per element, the memory floor of the current design is E for
+``token_logprobs`` (one read), 3E for the loss-only PPO cases (statistics read, gradient read + write); ``ppo_loss``
+has no floor (its matmuls dominate). Each figure is printed next to that floor, the fraction of the nominal HBM
+bandwidth it reaches, and a same-run baseline: ``x.amax(-1)`` over logits of the same shape and dtype, a plain
+one-read reduction, whose GB/s is what "at the bandwidth floor" can mean on this device today.
 """
 
 from __future__ import annotations
@@ -37,13 +44,23 @@ import torch
 import rlhf_kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OPS = ("token_logprobs", "ppo_loss", "ppo_loss_logits")
+OPS = ("token_logprobs", "ppo_loss", "ppo_loss_logits", "ppo_loss_inplace")
+#: Passes over the (N, V) logits a fused op must make at least, per op (None: not memory-bound, no floor).
+FLOOR_PASSES = {"token_logprobs": 1, "ppo_loss": None, "ppo_loss_logits": 3, "ppo_loss_inplace": 3}
 CPU_CASES = (
     "ppo_loss:4096:32000:256:float32",
     "ppo_loss:1024:32000:256:float32",
     "token_logprobs:4096:32000:0:float32",
 )
-CUDA_CASES = ("token_logprobs:16384:50257:0:bfloat16", "ppo_loss:16384:50257:1024:bfloat16")
+CUDA_CASES = (
+    "token_logprobs:16384:50257:0:bfloat16",
+    "token_logprobs:16384:50304:0:bfloat16",
+    "token_logprobs:8192:128256:0:bfloat16",
+    "ppo_loss_inplace:16384:50257:0:bfloat16",
+    "ppo_loss_inplace:16384:50304:0:bfloat16",
+    "ppo_loss_logits:16384:50257:0:bfloat16",
+    "ppo_loss:16384:50257:1024:bfloat16",
+)
 #: Nominal HBM bandwidth in GB/s by device-name fragment, for the "% of bandwidth" column (override: --peak-gbps).
 NOMINAL_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0}
 
@@ -85,6 +102,9 @@ class Result:
     peak_mib: float
     gbps: float | None = None
     pct_bandwidth: float | None = None
+    floor_mib: float | None = None
+    baseline_gbps: float | None = None
+    pct_of_baseline: float | None = None
 
 
 def _inputs(case: Case, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -105,9 +125,15 @@ def _inputs(case: Case, device: torch.device, seed: int = 0) -> dict[str, torch.
     for k, t in x.items():
         t = t.to(device)
         out[k] = t.to(dtype) if t.is_floating_point() and k in ("hidden", "weight", "logits") else t
-    for k in ("hidden", "weight") if case.op == "ppo_loss" else ("logits",) if case.op == "ppo_loss_logits" else ():
-        if k in out:
-            out[k].requires_grad_(True)
+    if case.op == "ppo_loss":
+        out["hidden"].requires_grad_(True)
+        out["weight"].requires_grad_(True)
+    elif case.op == "ppo_loss_logits":
+        out["logits"].requires_grad_(True)
+    elif case.op == "ppo_loss_inplace":
+        # A non-leaf, as a model's output is (a leaf's storage cannot take its own gradient); the gradient is taken
+        # with respect to it, so the product that made it is never differentiated.
+        out["logits"] = out["logits"].requires_grad_(True) * 1
     return out
 
 
@@ -125,6 +151,17 @@ def run_case(case: Case, impl: str, x: dict[str, torch.Tensor]) -> torch.Tensor:
         if impl == "naive":
             return torch.log_softmax(x["logits"].float(), dim=-1).gather(-1, x["targets"].unsqueeze(-1)).squeeze(-1)
         return rlhf_kernels.token_logprobs(x["logits"], x["targets"], backend=impl)
+    if case.op == "ppo_loss_inplace":
+        # The logits are overwritten by each run's gradient: later (timed) runs see other values, which a
+        # memory-bound kernel's time does not depend on; the first run is the one checked against naive.
+        logits = x["logits"]
+        args = (logits, x["targets"], x["old_logp"], x["advantages"], x["mask"])
+        if impl == "naive":
+            loss = _naive_ppo_loss(*args)
+        else:
+            loss, _ = rlhf_kernels.ppo_loss_from_logits(*args, inplace=True, backend=impl)
+        (grad,) = torch.autograd.grad(loss, logits)
+        return torch.cat([loss.detach().reshape(1).float(), grad.flatten().float()[:4096]])
     leaf = x["logits"] if case.op == "ppo_loss_logits" else x["hidden"]
     leaf.grad = None
     if case.op == "ppo_loss":
@@ -165,20 +202,45 @@ def measure(case: Case, impl: str, device: torch.device, reps: int) -> tuple[flo
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set, to the current RSS
         run_case(case, impl, x)
         peak = (_status_kib("VmHWM") - base) / 1024
+    return _median_ms(lambda: run_case(case, impl, x), device, reps), peak
+
+
+def _median_ms(fn, device: torch.device, reps: int) -> float:
+    """Median over ``reps`` runs of fn: CUDA events on the GPU (device time, no host timer jitter), the host clock
+    on the CPU."""
     times = []
     for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        run_case(case, impl, x)
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), peak
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
-def _min_bytes(case: Case) -> int:
-    elem = torch.tensor([], dtype=DTYPES[case.dtype]).element_size()
-    passes = 1 if case.op == "token_logprobs" else 3
-    return passes * case.n * case.v * elem
+def _logits_bytes(case: Case) -> int:
+    """E: the bytes of one (N, V) logits tensor."""
+    return case.n * case.v * torch.tensor([], dtype=DTYPES[case.dtype]).element_size()
+
+
+def floor_bytes(case: Case) -> int | None:
+    """The least memory traffic of the fused op in its current design (see the module docstring), or None."""
+    passes = FLOOR_PASSES[case.op]
+    return None if passes is None else passes * _logits_bytes(case)
+
+
+def baseline_gbps(case: Case, device: torch.device, reps: int) -> float:
+    """Read bandwidth of ``x.amax(-1)`` over (N, V) logits of the case's dtype, measured now on this device."""
+    x = torch.randn(case.n, case.v, device=device).to(DTYPES[case.dtype])
+    x.amax(-1)  # warm-up
+    ms = _median_ms(lambda: x.amax(-1), device, reps)
+    return _logits_bytes(case) / (ms * 1e-3) / 1e9
 
 
 def _nominal_gbps(device: torch.device) -> float | None:
@@ -229,6 +291,8 @@ def run(cases: list[Case], device: torch.device, reps: int, peak_gbps: float | N
     bandwidth = peak_gbps or (_nominal_gbps(device) if device.type == "cuda" else None)
     results = []
     for case in cases:
+        floor = floor_bytes(case)
+        base = baseline_gbps(case, device, reps) if device.type == "cuda" and floor is not None else None
         for impl in impls:
             if device.type == "cuda":
                 if impl != "naive":
@@ -237,19 +301,33 @@ def run(cases: list[Case], device: torch.device, reps: int, peak_gbps: float | N
             else:
                 ms, peak = _cpu_cell(case, impl, reps)
             r = Result(str(case), impl, device.type, ms, peak)
-            if device.type == "cuda":
-                r.gbps = _min_bytes(case) / (ms * 1e-3) / 1e9
+            if floor is not None:
+                r.floor_mib = floor / 2**20
+            if base is not None:
+                r.gbps = floor / (ms * 1e-3) / 1e9
                 r.pct_bandwidth = 100 * r.gbps / bandwidth if bandwidth else None
+                r.baseline_gbps = base
+                r.pct_of_baseline = 100 * r.gbps / base
             results.append(r)
             print(_row(r, results), flush=True)
     return results
 
 
+HEADER = (
+    f"{'case':42s} {'impl':7s} {'ms':>9s} {'peak MiB':>9s}   {'vs naive':13s} {'floor MiB':>9s} {'GB/s':>7s}"
+    f" {'%HBM':>6s} {'amax GB/s':>9s} {'%amax':>6s}"
+)
+
+
 def _row(r: Result, results: list[Result]) -> str:
     naive = next((x for x in results if x.case == r.case and x.impl == "naive"), None)
     rel = f"{r.ms / naive.ms:5.2f}x {r.peak_mib / max(naive.peak_mib, 1e-9):5.2f}x" if naive else " " * 13
-    bw = f"{r.gbps:8.0f} {r.pct_bandwidth or float('nan'):5.1f}%" if r.gbps is not None else ""
-    return f"{r.case:40s} {r.impl:7s} {r.ms:10.2f} {r.peak_mib:10.1f}   {rel} {bw}"
+    floor = f"{r.floor_mib:9.0f}" if r.floor_mib is not None else f"{'-':>9s}"
+    bw = ""
+    if r.gbps is not None:
+        pct = f"{r.pct_bandwidth:5.1f}%" if r.pct_bandwidth is not None else f"{'?':>6s}"
+        bw = f" {r.gbps:7.0f} {pct} {r.baseline_gbps:9.0f} {r.pct_of_baseline:5.1f}%"
+    return f"{r.case:42s} {r.impl:7s} {r.ms:9.2f} {r.peak_mib:9.1f}   {rel} {floor}{bw}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -272,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if use_cuda else "cpu")
     cases = [Case.parse(c) for c in args.case or (CUDA_CASES if use_cuda else CPU_CASES)]
     print(f"machine: {machine_description(device)}")
-    print(f"{'case':40s} {'impl':7s} {'ms':>10s} {'peak MiB':>10s}   {'vs naive':13s} {'GB/s':>8s} {'%BW':>6s}")
+    print(HEADER)
     results = run(cases, device, args.reps, args.peak_gbps)
     path = args.json or Path("benchmarks") / f"kernels-{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
