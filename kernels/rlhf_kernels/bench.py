@@ -286,8 +286,14 @@ def machine_description(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def run(cases: list[Case], device: torch.device, reps: int, peak_gbps: float | None) -> list[Result]:
+IMPLS = ("naive", "torch", "triton")
+
+
+def run(
+    cases: list[Case], device: torch.device, reps: int, peak_gbps: float | None, only: tuple[str, ...] = IMPLS
+) -> list[Result]:
     impls = ["naive", "torch"] + (["triton"] if device.type == "cuda" and rlhf_kernels.triton_available() else [])
+    impls = [i for i in impls if i in only]
     bandwidth = peak_gbps or (_nominal_gbps(device) if device.type == "cuda" else None)
     results = []
     for case in cases:
@@ -336,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--case", action="append", help="op:N:V:H:dtype (repeatable); default: the device's set")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions after the first run (median)")
     parser.add_argument("--peak-gbps", type=float, help="the device's memory bandwidth in GB/s, for % of bandwidth")
+    impls_help = "comma-separated subset of naive,torch,triton (the torch fallback is slow on a GPU)"
+    parser.add_argument("--impls", default=",".join(IMPLS), help=impls_help)
     parser.add_argument("--json", type=Path, default=None, help="where to write the results (default benchmarks/)")
     parser.add_argument("--worker", nargs=3, metavar=("CASE", "IMPL", "REPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -351,7 +359,10 @@ def main(argv: list[str] | None = None) -> None:
     cases = [Case.parse(c) for c in args.case or (CUDA_CASES if use_cuda else CPU_CASES)]
     print(f"machine: {machine_description(device)}")
     print(HEADER)
-    results = run(cases, device, args.reps, args.peak_gbps)
+    only = tuple(i.strip() for i in args.impls.split(","))
+    if not set(only) <= set(IMPLS):
+        parser.error(f"--impls: choose from {','.join(IMPLS)}")
+    results = run(cases, device, args.reps, args.peak_gbps, only)
     path = args.json or Path("benchmarks") / f"kernels-{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
