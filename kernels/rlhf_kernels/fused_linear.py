@@ -78,12 +78,16 @@ def _grads_or_none(needed: bool, shape: tuple[int, ...], like: torch.Tensor) -> 
     return torch.zeros(shape, dtype=like.dtype, device=like.device) if needed else None
 
 
-def _cast(grad: torch.Tensor | None, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A stored gradient scaled by the upstream gradient (a new tensor: the stored one stays valid for a second
-    backward) and cast to its input's dtype."""
-    if grad is None:
-        return None
-    return (grad if scale is None else grad * scale.to(grad.dtype)).to(dtype)
+def _to(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if grad is None else grad.to(dtype)
+
+
+def _scaled_(grad: torch.Tensor | None, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """A gradient computed for a unit upstream gradient, scaled in place by the actual one (skipped when it is 1, as
+    it is for a loss) and cast to its input's dtype."""
+    if grad is not None and not bool((scale == 1).all()):
+        grad.mul_(scale.to(grad.dtype))
+    return _to(grad, dtype)
 
 
 class _TokenLogprobsFromHidden(torch.autograd.Function):
@@ -119,7 +123,7 @@ class _TokenLogprobsFromHidden(torch.autograd.Function):
                 None if c_h is None else c_h[rows], ctx.temperature, dlogits,
             )  # fmt: skip
             accumulate_head_grads(dlogits, hidden[rows], w, None if grad_h is None else grad_h[rows], grad_w)
-        return _cast(grad_h, None, hidden.dtype), _cast(grad_w, None, weight.dtype), None, None, None, None, None
+        return _to(grad_h, hidden.dtype), _to(grad_w, weight.dtype), None, None, None, None, None
 
 
 class _KLFromHidden(torch.autograd.Function):
@@ -150,7 +154,7 @@ class _KLFromHidden(torch.autograd.Function):
             dlogits = _kl_grad(ctx.backend, logits, ref_logits, (kl[rows], lse_p[rows], lse_q[rows]), c[rows],
                                ctx.temperature)  # fmt: skip
             accumulate_head_grads(dlogits, hidden[rows], w, None if grad_h is None else grad_h[rows], grad_w)
-        return _cast(grad_h, None, hidden.dtype), _cast(grad_w, None, weight.dtype), None, None, None, None, None
+        return _to(grad_h, hidden.dtype), _to(grad_w, weight.dtype), None, None, None, None, None
 
 
 class _PPOLossFromHidden(torch.autograd.Function):
@@ -213,16 +217,19 @@ class _PPOLossFromHidden(torch.autograd.Function):
         full_grad_h = None
         if grad_h is not None:
             full_grad_h = torch.zeros(hidden.shape, dtype=cdt, device=w.device).index_copy_(0, idx, grad_h)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        ctx.save_for_backward(full_grad_h, grad_w)
+        # Kept as attributes, not saved tensors, and handed over in backward: with no other reference left, autograd
+        # adopts them as the parameters' .grad instead of copying (a (V, H) copy is a third of this op's memory).
+        ctx.grads, ctx.dtypes = [full_grad_h, grad_w], (hidden.dtype, weight.dtype)
         return tuple(totals.unbind())
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *_unused):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        return (_cast(grad_h, grad_loss, ctx.dtypes[0]), _cast(grad_w, grad_loss, ctx.dtypes[1]),
-                *(None,) * 11)  # fmt: skip
+        if ctx.grads is None:
+            raise RuntimeError("ppo_loss_from_hidden's backward ran twice (retain_graph): its gradients were handed "
+                               "over the first time; evaluate the loss again")  # fmt: skip
+        (grad_h, grad_w), ctx.grads = ctx.grads, None
+        return _scaled_(grad_h, grad_loss, ctx.dtypes[0]), _scaled_(grad_w, grad_loss, ctx.dtypes[1]), *(None,) * 11
 
 
 def _check_head(

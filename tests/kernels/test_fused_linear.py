@@ -171,6 +171,17 @@ def test_ppo_loss_from_hidden_upstream_gradient_and_tied_embedding() -> None:
     torch.testing.assert_close(emb.weight.grad, emb_ref.weight.grad, **GRAD_TOL[torch.float64])
 
 
+def test_ppo_loss_from_hidden_second_backward_refused() -> None:
+    """The gradients computed in forward are handed over (not copied) in backward: a second backward raises."""
+    batch = head_batch(7, torch.float32)
+    h = leaf(batch["hidden"])
+    loss, _ = ppo_loss_from_hidden(h, batch["weight"], batch["targets"], batch["old_logp"], batch["advantages"],
+                                   batch["mask"], backend="torch")  # fmt: skip
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
 def test_ppo_loss_from_hidden_without_gradient() -> None:
     """Under no_grad (or with frozen inputs) the forward computes no gradient and gives the same loss and stats."""
     batch = head_batch(11, torch.float64)
