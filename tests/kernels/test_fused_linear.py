@@ -111,6 +111,36 @@ def test_ppo_loss_from_hidden_matches_reference(
     assert not h.grad[~batch["mask"]].any()  # masked rows: exactly zero
 
 
+@pytest.mark.parametrize("option", ["k3", "full"])
+def test_every_backend(backend: str, option: str) -> None:
+    """The row ops of each backend (Triton under the interpreter on CPU) inside the fused head: PPO loss with the
+    options that touch most of them, log-probs with entropy and the exact KL, fp32, chunks not dividing N."""
+    opts = OPTIONS[option] | {"entropy_coef": 0.02}
+    batch = head_batch(11, torch.float32, opts.get("temperature", 1.0))
+    ref_kwargs, our_kwargs = split_options(opts, batch)
+    loss_ref, _, gh_ref, gw_ref = reference_run(batch, ref_kwargs)
+    h, w = leaf(batch["hidden"]), leaf(batch["weight"])
+    loss, _ = ppo_loss_from_hidden(h, w, batch["targets"], batch["old_logp"], batch["advantages"], batch["mask"],
+                                   chunk_rows=4, backend=backend, **our_kwargs)  # fmt: skip
+    loss.backward()
+    torch.testing.assert_close(loss.double(), loss_ref, **VALUE_TOL[torch.float32])
+    assert_grads(h.grad, gh_ref, torch.float32)
+    assert_grads(w.grad, gw_ref, torch.float32)
+    h64 = fp64_leaf(batch["hidden"])
+    logits_ref = h64 @ batch["weight"].double().T
+    logp_ref, entropy_ref = token_logprobs_reference(logits_ref, batch["targets"], return_entropy=True)
+    kl_ref = kl_from_logits_reference(logits_ref, batch["ref_hidden"].double() @ batch["ref_weight"].double().T)
+    h = leaf(batch["hidden"])
+    logp, entropy = token_logprobs_from_hidden(h, batch["weight"], batch["targets"], return_entropy=True,
+                                               chunk_rows=4, backend=backend)  # fmt: skip
+    kl = kl_from_hidden(h, batch["weight"], batch["ref_hidden"], batch["ref_weight"], chunk_rows=4, backend=backend)
+    for ours, ref in ((logp, logp_ref), (entropy, entropy_ref), (kl, kl_ref)):
+        torch.testing.assert_close(ours.double(), ref.detach(), **VALUE_TOL[torch.float32])
+    (gh,) = torch.autograd.grad((logp + entropy + kl).sum(), h)
+    (gh_ref,) = torch.autograd.grad((logp_ref + entropy_ref + kl_ref).sum(), h64)
+    assert_grads(gh, gh_ref, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_ppo_loss_from_hidden_matches_the_logits_op(dtype: torch.dtype) -> None:
     """The same loss as today's fused path with the matmul outside (ppo_loss_from_logits on fp32 logits of the
