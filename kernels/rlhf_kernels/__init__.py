@@ -1,4 +1,5 @@
-"""rlhf_kernels: fused token log-probs, full-vocabulary KL and the PPO clipped loss, with PyTorch references.
+"""rlhf_kernels: fused token log-probs, full-vocabulary KL and the PPO clipped loss (from the logits, or from hidden
+states and the LM head without the logits), with PyTorch references.
 
 Lightning-free on purpose: the training package imports these ops, never the other way round. Lives in the source
 root ``kernels/`` (which has no ``__init__.py``, so it never passes for the Hugging Face package called ``kernels``).
@@ -7,6 +8,7 @@ Every op takes ``backend="auto" | "triton" | "torch"``; see :mod:`rlhf_kernels.d
 """
 
 from rlhf_kernels.dispatch import BACKENDS, ENV_VAR, resolve_backend, triton_available
+from rlhf_kernels.fused_linear import kl_from_hidden, ppo_loss_from_hidden, token_logprobs_from_hidden
 from rlhf_kernels.ops import (
     bradley_terry_loss,
     kl_estimate,
@@ -26,9 +28,12 @@ __all__ = [
     "apply_temperature",
     "bradley_terry_loss",
     "kl_estimate",
+    "kl_from_hidden",
     "kl_from_logits",
+    "ppo_loss_from_hidden",
     "ppo_loss_from_logits",
     "resolve_backend",
     "token_logprobs",
+    "token_logprobs_from_hidden",
     "triton_available",
 ]

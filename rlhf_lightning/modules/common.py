@@ -17,13 +17,15 @@ from torch.distributed.fsdp import fully_shard
 import rlhf_kernels
 from rlhf_lightning.data.tokenizer import Tokenizer
 from rlhf_lightning.metrics import distinct_n
+from rlhf_lightning.models.hf import HFCausalLM
+from rlhf_lightning.models.lora import LoRABackbone, require_peft
 from rlhf_lightning.models.sampling import SamplingConfig, eval_mode, generate
 
 
 def response_logprobs(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """log p(target) at the masked positions, through the fused kernel (no (B, T, V) logits tensor).
+    """log p(target) at the masked positions, the LM head fused into the kernel (no (N, V) logits tensor).
 
     Args:
         input_ids: (B, T) token ids; attention_mask: (B, T) real tokens.
@@ -33,8 +35,7 @@ def response_logprobs(
         (N,) log-probs, N = mask.sum().
     """
     hidden = model(input_ids, attention_mask)  # (B, T, D)
-    logits = hidden[mask] @ model.lm_head_weight.T  # (N, V)
-    return rlhf_kernels.token_logprobs(logits, targets[mask])
+    return rlhf_kernels.token_logprobs_from_hidden(hidden[mask], model.lm_head_weight, targets[mask])
 
 
 def unflatten_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -51,23 +52,41 @@ def response_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, p: 
     return model(ids, mask)[:, p - 1 : p + r - 1]
 
 
+def adapted_lm_head(model: nn.Module) -> nn.Module | None:
+    """The LM head module when LoRA adapts it, else None.
+
+    The fused ops compute ``hidden @ lm_head_weight.T`` themselves; an adapted head (a Hugging Face ``lm_head`` in
+    ``lora.target_modules``) adds its adapter's term to that, so its logits must come from the module itself. A
+    TinyGPT's head is its embedding matrix, used directly, so its logits are ``hidden @ lm_head_weight.T`` anyway.
+    """
+    if not isinstance(model, LoRABackbone) or not isinstance(model.base, HFCausalLM):
+        return None
+    head = model.base.model.get_output_embeddings()
+    return head if isinstance(head, require_peft().tuners.lora.LoraLayer) else None
+
+
 def response_token_logprobs(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, response_ids: torch.Tensor,
-    response_mask: torch.Tensor, temperature: float, keep_logits: bool,
+    response_mask: torch.Tensor, temperature: float, keep_hidden: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """(B, R) log-probs of the response tokens under ``model`` at ``temperature`` (0 at padding), and the (N, V)
-    logits at the real response positions when ``keep_logits``. They equal :func:`generate`'s log-probs, so PPO's
-    importance ratio starts at 1.
+    """(B, R) log-probs of the response tokens under ``model`` at ``temperature`` (0 at padding), and the (N, D)
+    hidden states at the real response positions when ``keep_hidden``. They equal :func:`generate`'s log-probs, so
+    PPO's importance ratio starts at 1. The LM head is fused into the kernel: no (N, V) logits (unless LoRA adapts
+    the head, see :func:`adapted_lm_head`).
 
     Args:
         ids, mask: (B, P + R) left-padded prompts then right-padded responses.
         response_ids, response_mask: (B, R).
     """
     p = ids.shape[1] - response_ids.shape[1]
-    hidden = response_hidden(model, ids, mask, p, response_ids.shape[1])  # (B, R, D)
-    logits = hidden[response_mask] @ model.lm_head_weight.T  # (N, V)
-    logp = rlhf_kernels.token_logprobs(logits, response_ids[response_mask], temperature)
-    return unflatten_masked(logp.float(), response_mask), logits if keep_logits else None
+    hidden = response_hidden(model, ids, mask, p, response_ids.shape[1])[response_mask]  # (N, D)
+    targets = response_ids[response_mask]
+    head = adapted_lm_head(model)
+    if head is None:
+        logp = rlhf_kernels.token_logprobs_from_hidden(hidden, model.lm_head_weight, targets, temperature)
+    else:
+        logp = rlhf_kernels.token_logprobs(head(hidden), targets, temperature)
+    return unflatten_masked(logp.float(), response_mask), hidden if keep_hidden else None
 
 
 def on_every_rank(module: L.LightningModule, flag: bool) -> bool:

@@ -14,7 +14,7 @@ import rlhf_kernels
 from rlhf_lightning import tags
 from rlhf_lightning.data.collate import join_left_right
 from rlhf_lightning.models.sampling import Generation
-from rlhf_lightning.modules.common import response_hidden, response_token_logprobs, unflatten_masked
+from rlhf_lightning.modules.common import adapted_lm_head, response_hidden, response_token_logprobs, unflatten_masked
 from rlhf_lightning.modules.ppo_setup import PPOModels
 from rlhf_lightning.rl import KLConfig, Rollout, ScoredBatch, explained_variance, policy_loss, value_loss
 
@@ -39,17 +39,30 @@ def score_batch(
     ids = torch.cat([prompt_ids, resp_ids], 1)  # (B, P + R)
     mask = torch.cat([prompt_mask.bool(), resp_mask], 1)
     args = (ids, mask, resp_ids, resp_mask, temperature, full_kl_metric)
-    logp, logits = response_token_logprobs(models.policy, *args)
-    ref_logp, ref_logits = response_token_logprobs(models.ref_policy, *args)
+    logp, hidden = response_token_logprobs(models.policy, *args)
+    ref_logp, ref_hidden = response_token_logprobs(models.ref_policy, *args)
     full_kl = None
     if full_kl_metric:
-        full_kl = unflatten_masked(rlhf_kernels.kl_from_logits(logits, ref_logits, temperature), resp_mask)
+        kl = exact_kl(models.policy, hidden, models.ref_policy, ref_hidden, temperature)
+        full_kl = unflatten_masked(kl, resp_mask)
     trunk = models.critic_backbone if models.critic_backbone is not None else models.policy
     values = models.value_head(response_hidden(trunk, ids, mask, prompt_ids.shape[1], resp_mask.shape[1])).float()
     scores, ensemble_std = score(prompts, responses, prompt_ids, prompt_mask, resp_ids, resp_mask, out.ended)
     batch = ScoredBatch(prompt_ids, prompt_mask, resp_ids, resp_mask, out.ended, logp, ref_logp, values, scores,
                         full_kl)  # fmt: skip
     return batch, ensemble_std
+
+
+def exact_kl(
+    policy: Any, hidden: torch.Tensor, ref_policy: Any, ref_hidden: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """(N,) exact KL(policy || reference) over the vocabulary from both models' (N, D) hidden states at the same
+    positions, the LM heads fused in (from the logits where LoRA adapts the policy's head)."""
+    head = adapted_lm_head(policy)
+    if head is None:
+        return rlhf_kernels.kl_from_hidden(hidden, policy.lm_head_weight, ref_hidden, ref_policy.lm_head_weight,
+                                           temperature)  # fmt: skip
+    return rlhf_kernels.kl_from_logits(head(hidden), ref_hidden @ ref_policy.lm_head_weight.T, temperature)
 
 
 def sequence_scores(
@@ -81,24 +94,25 @@ def sequence_scores(
 def minibatch_loss(
     models: PPOModels, mb: Rollout, h: Any, kl: KLConfig, beta: float, temperature: float, value_clip: float | None
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Policy loss (fused, from the logits) + ``h.vf_coef`` * clipped value loss of one minibatch, and its stats
-    (``h``: PPOModule's hyperparameters; ``beta``: the KL coefficient, used when the KL is in the loss)."""
+    """Policy loss (fused, from the hidden states and the LM head) + ``h.vf_coef`` * clipped value loss of one
+    minibatch, and its stats (``h``: PPOModule's hyperparameters; ``beta``: the KL coefficient, used when the KL is
+    in the loss)."""
     ids, mask = mb.input_ids, mb.attention_mask
     p, r = mb.prompt_ids.shape[1], mb.response_ids.shape[1]
     sel = mb.response_mask
     policy, ref_policy = models.policy, models.ref_policy
     hidden = response_hidden(policy, ids, mask, p, r)  # (b, R, D)
-    logits = hidden[sel] @ policy.lm_head_weight.T  # (N, V)
-    ref_logits = None
+    ref_hidden = None
     if kl.in_loss and kl.estimator == "full":
-        with torch.no_grad():  # the exact KL in the loss reads the reference's logits at the same positions
-            ref_logits = response_hidden(ref_policy, ids, mask, p, r)[sel] @ ref_policy.lm_head_weight.T
+        with torch.no_grad():  # the exact KL in the loss reads the reference's hidden states at the same positions
+            ref_hidden = response_hidden(ref_policy, ids, mask, p, r)[sel]
     pg_loss, pstats = policy_loss(
-        logits, mb.response_ids[sel], mb.logprobs[sel], mb.advantages[sel], clip_eps_low=h.clip_eps,
-        clip_eps_high=h.clip_eps if h.clip_eps_high is None else h.clip_eps_high, entropy_coef=h.entropy_coef,
-        temperature=temperature, ref_logprobs=mb.ref_logprobs[sel] if kl.in_loss else None,
-        kl_coef=beta if kl.in_loss else 0.0, kl_estimator=kl.estimator if kl.in_loss else "k1",
-        ref_logits=ref_logits,
+        hidden[sel], policy.lm_head_weight, mb.response_ids[sel], mb.logprobs[sel], mb.advantages[sel],
+        clip_eps_low=h.clip_eps, clip_eps_high=h.clip_eps if h.clip_eps_high is None else h.clip_eps_high,
+        entropy_coef=h.entropy_coef, temperature=temperature,
+        ref_logprobs=mb.ref_logprobs[sel] if kl.in_loss else None, kl_coef=beta if kl.in_loss else 0.0,
+        kl_estimator=kl.estimator if kl.in_loss else "k1", ref_hidden=ref_hidden, ref_weight=ref_policy.lm_head_weight,
+        adapted_head=adapted_lm_head(policy),
     )  # fmt: skip
     critic = models.critic_backbone
     values = models.value_head(hidden if critic is None else response_hidden(critic, ids, mask, p, r))  # (b, R)

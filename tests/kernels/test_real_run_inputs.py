@@ -1,7 +1,8 @@
 """The fused ops on inputs recorded from a real run, not random logits: a tiny SFT policy trained through the CLI,
 then two PPO iterations against the world's gold judge (KL in the loss, entropy bonus). Every call the run makes to
-token_logprobs and ppo_loss_from_logits is recorded; each backend must then agree with the fp64 reference, forward
-and gradient, and with what the run itself computed. A trained policy's softmaxes, EOS tokens, ratios at 1 (the
+token_logprobs_from_hidden and ppo_loss_from_hidden is recorded (the logits are hidden @ W.T of the recorded hidden
+states and LM head); each backend's logits op must then agree with the fp64 reference, forward and gradient, and
+with what the run itself computed. A trained policy's softmaxes, EOS tokens, ratios at 1 (the
 first minibatch) and policy == reference (iteration 0) are what such inputs have and random ones lack."""
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def run(tmp_path_factory) -> dict[str, list[dict]]:
     from rlhf_lightning.cli import main
 
     root = tmp_path_factory.mktemp("real_run")
-    calls: dict[str, list[dict]] = {"token_logprobs": [], "ppo_loss_from_logits": []}
+    calls: dict[str, list[dict]] = {"token_logprobs_from_hidden": [], "ppo_loss_from_hidden": []}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         # Enough SFT steps for the policy to be far from uniform on the grammar's next words.
@@ -89,15 +90,16 @@ def run(tmp_path_factory) -> dict[str, list[dict]]:
 
 
 def rollout_logits(run: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(logits, targets, the run's logp) of the rollouts' scoring calls: policy then reference, per iteration (the
-    sampler's own per-step calls are left out: 8 rows each, interpreted Triton is slow)."""
-    return [(c["args"][0], c["args"][1], c["out"][0]) for c in run["token_logprobs"] if c["scoring"]]
+    """(logits = hidden @ W.T, targets, the run's logp) of the rollouts' scoring calls: policy then reference, per
+    iteration (calls outside the scoring pass, e.g. SFT's, are left out)."""
+    calls = [c for c in run["token_logprobs_from_hidden"] if c["scoring"]]
+    return [(c["args"][0] @ c["args"][1].T, c["args"][2], c["out"][0]) for c in calls]
 
 
 def test_the_recorded_inputs_are_those_of_a_real_run(run):
     scored = rollout_logits(run)
     assert len(scored) == 4  # policy and reference, for each of the two iterations
-    assert len(run["ppo_loss_from_logits"]) == 4  # 2 iterations x 2 minibatches
+    assert len(run["ppo_loss_from_hidden"]) == 4  # 2 iterations x 2 minibatches
     logits, _, logp = scored[0]
     assert logits.shape[0] > 8 * 2  # every real token of 8 responses, EOS included
     # Sampled from a trained policy: far likelier than uniform.
@@ -139,9 +141,10 @@ def test_exact_kl_between_the_run_policy_and_its_reference(run, backend):
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_ppo_loss_matches_the_reference_and_the_run(run, backend, inplace):
-    for call in run["ppo_loss_from_logits"]:
-        logits, targets, old_logp, advantages, mask = call["args"]
-        options = {k: v for k, v in call["kwargs"].items() if k not in ("inplace", "backend")}
+    for call in run["ppo_loss_from_hidden"]:
+        hidden, weight, targets, old_logp, advantages, mask = call["args"]
+        logits = hidden @ weight.T
+        options = {k: v for k, v in call["kwargs"].items() if k not in ("ref_hidden", "ref_weight")}
         assert options["kl_coef"] > 0 and options["entropy_coef"] > 0 and options["ref_logp"] is not None
         x = leaf(logits)
         loss, stats = rlhf_kernels.ppo_loss_from_logits(

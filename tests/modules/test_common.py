@@ -19,3 +19,34 @@ def test_lr_factor_warms_up_then_decays_to_the_floor(decay):
 
 def test_markdown_table_escapes_pipes():
     assert markdown_table(["a", "b"], [["x|y", "z"]]) == "| a | b |\n|---|---|\n| x\\|y | z |"
+
+
+def test_scoring_fuses_the_head_unless_lora_adapts_it(tmp_path):
+    """response_token_logprobs takes the fused path (hidden states and lm_head_weight) for a plain head and the
+    logits of the head module itself when LoRA adapts it: both equal the log-softmax of the model's own logits."""
+    pytest.importorskip("peft")
+    import torch
+
+    from rlhf_kernels.reference import token_logprobs_reference
+    from rlhf_lightning.hf_tiny import make_tiny_hf
+    from rlhf_lightning.models.hf import HFCausalLM
+    from rlhf_lightning.models.lora import LoRABackbone, LoRAConfig
+    from rlhf_lightning.modules.common import adapted_lm_head, response_token_logprobs
+
+    path = make_tiny_hf(tmp_path / "gpt2")
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, -1] = False  # a padded response position
+    response_ids, response_mask = ids[:, 4:], mask[:, 4:]
+    for targets, adapted in ((("c_attn",), False), (("c_attn", "lm_head"), True)):
+        model = LoRABackbone(HFCausalLM.from_pretrained(path), LoRAConfig(r=2, alpha=4.0, target_modules=targets))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: make the adapters matter
+                torch.nn.init.normal_(p, std=0.5)
+        assert (adapted_lm_head(model) is not None) == adapted
+        logp, _ = response_token_logprobs(model, ids, mask, response_ids, response_mask, 0.9, False)
+        with torch.no_grad():
+            logits = model.base.model(input_ids=ids, attention_mask=mask.long()).logits[:, 3:6]  # the model's own
+        want = token_logprobs_reference(logits[response_mask], response_ids[response_mask], 0.9)
+        torch.testing.assert_close(logp[response_mask], want.float(), rtol=1e-5, atol=1e-5)
+        assert not logp[~response_mask].any()
