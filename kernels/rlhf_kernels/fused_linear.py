@@ -20,9 +20,8 @@ from torch.autograd.function import once_differentiable
 
 from rlhf_kernels.dispatch import resolve_backend
 from rlhf_kernels.ops import _kl_grad
-from rlhf_kernels.ppo_terms import ppo_token_terms
 from rlhf_kernels.reference import compute_dtype
-from rlhf_kernels.types import KL_ESTIMATORS, CoefFn, PPOLossStats
+from rlhf_kernels.types import KL_ESTIMATORS, PPOLossStats
 from rlhf_kernels.validate import (
     FLOAT_DTYPES,
     check_choice,
@@ -177,42 +176,27 @@ class _PPOLossFromHidden(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = _grads_or_none(need_h, tuple(h.shape), w)
         grad_w = _grads_or_none(need_w, tuple(w.shape), w)
-        totals = torch.zeros(5, dtype=cdt, device=w.device)  # loss, clipped, approx_kl, entropy, ratio: sums
-
-        def terms_of(chunk: slice, full_kl: torch.Tensor | None) -> CoefFn:
-            """The chunk's coef_fn: its rows' PPO terms, summed into ``totals``; ``full_kl``: (rows,) or None."""
-
-            def coef_fn(rows: slice, logp: torch.Tensor, entropy: torch.Tensor) -> tuple:
-                at = slice(chunk.start + rows.start, chunk.start + rows.stop)  # rows of the compacted batch
-                terms = ppo_token_terms(
-                    logp, entropy, old[at], adv[at], all_valid[at], inv_count,
-                    ref_logp=None if ref_lp is None else ref_lp[at], **cfg,
-                    full_kl=None if full_kl is None else full_kl[rows],
-                )  # fmt: skip
-                parts = (terms.loss, terms.clipped, terms.approx_kl, entropy * inv_count, terms.ratio)
-                totals.add_(torch.stack([x.sum() for x in parts]))
-                return terms.c_lp, terms.c_h
-
-            return coef_fn
-
+        totals = torch.zeros(5, dtype=cdt, device=w.device)  # loss, clipped, approx_kl, ratio, entropy: sums
         for chunk in row_chunks(n, w.shape[0], chunk_rows):
             logits = head_logits(h[chunk], w)
             ref_logits = head_logits(ref_h[chunk], ref_w) if full else None
             kl_stats = backend.kl_forward(logits, ref_logits, temperature) if full else None
-            coef_fn = terms_of(chunk, kl_stats[0] if full else None)
+            ref_lp_chunk = None if ref_lp is None else ref_lp[chunk]
+            args = (logits, t[chunk], old[chunk], adv[chunk], all_valid[chunk], ref_lp_chunk,
+                    kl_stats[0] if full else None, inv_count, cfg, temperature)  # fmt: skip
             if need_h or need_w:
                 # The full KL's gradient is read from the logits before the PPO terms' gradient overwrites them.
                 kl_grad = None
                 if full:
                     c_kl = torch.full_like(kl_stats[0], cfg["kl_coef"]) * inv_count
                     kl_grad = _kl_grad(backend, logits, ref_logits, kl_stats, c_kl, temperature)
-                backend.logprob_forward(logits, t[chunk], temperature, True, coef_fn, grad_out=logits)
+                rows = backend.ppo_forward(*args, grad_out=logits)
                 if kl_grad is not None:
                     logits.add_(kl_grad)
                 accumulate_head_grads(logits, h[chunk], w, None if grad_h is None else grad_h[chunk], grad_w)
             else:
-                stats = backend.logprob_forward(logits, t[chunk], temperature, True)
-                coef_fn(slice(0, logits.shape[0]), stats.logp, stats.entropy)
+                rows = backend.ppo_forward(*args)
+            totals.add_(rows.terms.sum(dim=1))
 
         full_grad_h = None
         if grad_h is not None:
@@ -220,7 +204,8 @@ class _PPOLossFromHidden(torch.autograd.Function):
         # Kept as attributes, not saved tensors, and handed over in backward: with no other reference left, autograd
         # adopts them as the parameters' .grad instead of copying (a (V, H) copy is a third of this op's memory).
         ctx.grads, ctx.dtypes = [full_grad_h, grad_w], (hidden.dtype, weight.dtype)
-        return tuple(totals.unbind())
+        loss, clipped, approx_kl, ratio, entropy = totals.unbind()
+        return loss, clipped, approx_kl, entropy, ratio
 
     @staticmethod
     @once_differentiable
