@@ -38,10 +38,10 @@ from rlhf_lightning.rl.types import Rollout
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
-    "AdvantageConfig",
     "DEFAULT_KL_HORIZON",
     "KL_ESTIMATORS",
     "AdaptiveKL",
+    "AdvantageConfig",
     "AnnealedKL",
     "FixedKL",
     "KLConfig",
