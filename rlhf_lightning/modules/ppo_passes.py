@@ -44,8 +44,11 @@ def score_batch(
     full_kl = None
     if full_kl_metric:
         full_kl = unflatten_masked(rlhf_kernels.kl_from_logits(logits, ref_logits, temperature), resp_mask)
-    trunk = models.critic_backbone if models.critic_backbone is not None else models.policy
-    values = models.value_head(response_hidden(trunk, ids, mask, prompt_ids.shape[1], resp_mask.shape[1])).float()
+    if models.value_head is None:  # a critic-free estimator: the values are never read
+        values = torch.zeros(resp_mask.shape, device=resp_mask.device)
+    else:
+        trunk = models.critic_backbone if models.critic_backbone is not None else models.policy
+        values = models.value_head(response_hidden(trunk, ids, mask, prompt_ids.shape[1], resp_mask.shape[1])).float()
     scores, ensemble_std = score(prompts, responses, prompt_ids, prompt_mask, resp_ids, resp_mask, out.ended)
     batch = ScoredBatch(prompt_ids, prompt_mask, resp_ids, resp_mask, out.ended, logp, ref_logp, values, scores,
                         full_kl)  # fmt: skip
@@ -81,7 +84,8 @@ def sequence_scores(
 def minibatch_loss(
     models: PPOModels, mb: Rollout, h: Any, kl: KLConfig, beta: float, temperature: float, value_clip: float | None
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Policy loss (fused, from the logits) + ``h.vf_coef`` * clipped value loss of one minibatch, and its stats
+    """Policy loss (fused, from the logits) + ``h.vf_coef`` * clipped value loss (without a critic: the policy loss
+    alone) of one minibatch, and its stats
     (``h``: PPOModule's hyperparameters; ``beta``: the KL coefficient, used when the KL is in the loss)."""
     ids, mask = mb.input_ids, mb.attention_mask
     p, r = mb.prompt_ids.shape[1], mb.response_ids.shape[1]
@@ -100,18 +104,21 @@ def minibatch_loss(
         kl_coef=beta if kl.in_loss else 0.0, kl_estimator=kl.estimator if kl.in_loss else "k1",
         ref_logits=ref_logits,
     )  # fmt: skip
-    critic = models.critic_backbone
-    values = models.value_head(hidden if critic is None else response_hidden(critic, ids, mask, p, r))  # (b, R)
-    v_loss, v_clipfrac = value_loss(values.float(), mb.values, mb.returns, sel, value_clip)
-    loss = pg_loss + h.vf_coef * v_loss
     stats = {
         "policy/loss": float(pg_loss.detach()),
         "policy/clipfrac": float(pstats.clip_fraction),
         tags.APPROX_KL: float(pstats.approx_kl),
         "policy/ratio": float(pstats.ratio),
         tags.ENTROPY: float(pstats.entropy),
+    }
+    if models.value_head is None:  # a critic-free estimator: the policy loss alone
+        return pg_loss, stats
+    critic = models.critic_backbone
+    values = models.value_head(hidden if critic is None else response_hidden(critic, ids, mask, p, r))  # (b, R)
+    v_loss, v_clipfrac = value_loss(values.float(), mb.values, mb.returns, sel, value_clip)
+    stats.update({
         "value/loss": float(v_loss.detach()),
         "value/clipfrac": float(v_clipfrac),
         "value/explained_variance": float(explained_variance(mb.values, mb.returns, sel)),
-    }
-    return loss, stats
+    })  # fmt: skip
+    return pg_loss + h.vf_coef * v_loss, stats
