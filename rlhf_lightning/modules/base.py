@@ -17,13 +17,23 @@ from rlhf_lightning.data.tokenizer import Tokenizer, check_same_tokenizer, token
 from rlhf_lightning.models.lora import LoRAConfig
 from rlhf_lightning.models.sampling import SamplingConfig
 from rlhf_lightning.models.tinygpt import GPTConfig
-from rlhf_lightning.rl import KLConfig, RewardConfig
+from rlhf_lightning.rl import AdvantageConfig, KLConfig, RewardConfig
 from rlhf_lightning.world import AnnotatorConfig, JudgeConfig, WorldConfig
 
 # The config dataclasses end up in the checkpoints' saved hyperparameters; resuming loads them with torch.load's
 # weights_only unpickler, which accepts only allow-listed classes. These are plain data of this package.
 torch.serialization.add_safe_globals(
-    [SamplingConfig, GPTConfig, LoRAConfig, WorldConfig, AnnotatorConfig, JudgeConfig, KLConfig, RewardConfig]
+    [
+        SamplingConfig,
+        GPTConfig,
+        LoRAConfig,
+        WorldConfig,
+        AnnotatorConfig,
+        JudgeConfig,
+        KLConfig,
+        RewardConfig,
+        AdvantageConfig,
+    ]
 )
 
 

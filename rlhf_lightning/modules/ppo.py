@@ -51,6 +51,7 @@ from rlhf_lightning.modules.ppo_eval import EvalConfig, SFTBaseline, evaluate, r
 from rlhf_lightning.modules.ppo_passes import minibatch_loss, score_batch, sequence_scores
 from rlhf_lightning.modules.ppo_setup import RENAMED, PPOModels, ScoreFn, build_models, check_config, config_arg
 from rlhf_lightning.rl import (
+    AdvantageConfig,
     KLConfig,
     RewardConfig,
     Rollout,
@@ -78,7 +79,7 @@ class PPOModule(PhaseModule):
             InstructGPT style: an ensemble's mean head on its shared trunk, or member 0 of an ensemble of backbones;
             from the SFT backbone for other reward sources) or "shared" (a value head on the policy's trunk).
         iterations: PPO iterations of the run (one rollout + its epochs each).
-        rollout_batch: prompts (responses) per iteration and rank.
+        rollout_batch: responses per iteration and rank (one per prompt unless ``advantage.samples_per_prompt``).
         minibatch_size: responses per optimizer step; must divide rollout_batch.
         ppo_epochs: passes over each rollout.
         sampling: how responses are sampled (its temperature is also the one the loss uses). Greedy (temperature 0),
@@ -89,6 +90,10 @@ class PPOModule(PhaseModule):
         kl: the KL penalty (:class:`~rlhf_lightning.rl.KLConfig`).
         rewards: what the policy is paid (:class:`~rlhf_lightning.rl.RewardConfig`).
         eval: evaluation on the held-out prompts (:class:`EvalConfig`).
+        advantage: the advantage estimator (:class:`~rlhf_lightning.rl.AdvantageConfig`): GAE with the critic, or a
+            critic-free one (GRPO, RLOO, REINFORCE++; then no critic is built or stepped, and ``critic``,
+            ``critic_lr``, ``value_clip`` and ``vf_coef`` are unused) with ``samples_per_prompt`` responses per prompt
+            (the rollout then holds ``rollout_batch / samples_per_prompt`` prompts).
         lr, critic_lr: learning rates of the policy and of the critic (value head and its backbone).
         weight_decay, betas: AdamW settings.
         warmup_steps: optimizer steps of linear warmup; then linear decay to ``min_lr_ratio * lr`` at the last step.
@@ -129,6 +134,7 @@ class PPOModule(PhaseModule):
         kl: KLConfig | None = None,
         rewards: RewardConfig | None = None,
         eval: EvalConfig | None = None,
+        advantage: AdvantageConfig | None = None,
         lr: float = 1e-4,
         critic_lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -158,7 +164,11 @@ class PPOModule(PhaseModule):
         self.kl = config_arg(KLConfig, kl) or KLConfig()
         self.rewards = config_arg(RewardConfig, rewards) or RewardConfig()
         self.eval_config = config_arg(EvalConfig, eval) or EvalConfig()
+        self.advantage = config_arg(AdvantageConfig, advantage) or AdvantageConfig()
         check_config(self.hparams, self.sampling, self.lora, self.eval_config)
+        if rollout_batch % self.advantage.samples_per_prompt:
+            raise ValueError(f"advantage.samples_per_prompt ({self.advantage.samples_per_prompt}) must divide "
+                             f"rollout_batch ({rollout_batch})")  # fmt: skip
         self.kl_ctl = self.kl.build_controller()
         self.score_moments = RunningMoments()
         self.iteration = 0
@@ -177,7 +187,8 @@ class PPOModule(PhaseModule):
         if self.built or self._trainer is None:
             return
         tokenizer = self.datamodule_tokenizer()
-        models = build_models(self.hparams, self.sampling, self.lora, self.rewards, self.trainer.datamodule, tokenizer)
+        models = build_models(self.hparams, self.sampling, self.lora, self.rewards, self.trainer.datamodule, tokenizer,
+                              self.advantage.needs_critic)  # fmt: skip
         self.tokenizer = tokenizer
         # In this order: the state dict's (and so a checkpoint's) order of the models.
         self.policy, self.ref_policy, self.reward_model = models.policy, models.ref_policy, models.reward_model
@@ -196,6 +207,7 @@ class PPOModule(PhaseModule):
         return {
             "backbone": backbone_spec(self.policy),
             "critic_backbone": backbone_spec(self.critic_backbone) if self.critic_backbone is not None else None,
+            "value_head": self.value_head is not None,
             "sft_checkpoint": str(h.sft_checkpoint),
             "reward_checkpoint": str(h.reward_checkpoint) if h.reward_checkpoint else None,
             "reward_source": h.reward_source,
@@ -204,7 +216,8 @@ class PPOModule(PhaseModule):
     def build_from_checkpoint(self, meta: dict[str, Any]) -> None:
         """The trainable models only (the policy, the critic); the frozen ones are not in a PPO checkpoint."""
         self.policy = backbone_from_spec(meta["backbone"])
-        self.value_head = ValueHead(self.policy.hidden_size)
+        if meta.get("value_head", True):  # checkpoints of before critic-free estimators all have one
+            self.value_head = ValueHead(self.policy.hidden_size)
         if meta.get("critic_backbone"):
             self.critic_backbone = backbone_from_spec(meta["critic_backbone"])
 
@@ -301,9 +314,13 @@ class PPOModule(PhaseModule):
     def make_rollout(self, iteration: int) -> tuple[Rollout, dict[str, float], RolloutTimes]:
         """Samples, scores and shapes one iteration's rollout (see the module doc): the rollout, its metrics and
         timings."""
-        h, dm = self.hparams, self.trainer.datamodule
-        prompts, batch = dm.rollout_prompts(iteration, h.rollout_batch, h.seed, *self._rank_and_world)
-        prompt_ids, prompt_mask = batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device)
+        h, dm, k = self.hparams, self.trainer.datamodule, self.advantage.samples_per_prompt
+        prompts, batch = dm.rollout_prompts(iteration, h.rollout_batch // k, h.seed, *self._rank_and_world)
+        # k responses per prompt, consecutive: the group-baseline estimators read rows g * k to g * k + k - 1 as one
+        # prompt's (the sampling noise differs per row).
+        prompts = [prompt for prompt in prompts for _ in range(k)]
+        prompt_ids = batch["prompt_ids"].repeat_interleave(k, 0).to(self.device)
+        prompt_mask = batch["prompt_mask"].repeat_interleave(k, 0).to(self.device)
         t0 = time.perf_counter()
         with eval_mode(self.policy):  # sampling and the log-prob passes; the update trains it again
             out = self._sample(prompt_ids, prompt_mask, iteration)
@@ -317,7 +334,15 @@ class PPOModule(PhaseModule):
                                                self._temperature, self.kl.metric == "full", score)  # fmt: skip
         self._check_finite("reward (the scores of the reward source)", scored.scores, iteration)
         rollout, stats = shape_rollout(
-            scored, self.kl, self.rewards, self.kl_ctl.value, h.gamma, h.lam, h.whiten_advantages, self._score_stats
+            scored,
+            self.kl,
+            self.rewards,
+            self.kl_ctl.value,
+            h.gamma,
+            h.lam,
+            h.whiten_advantages,
+            self._score_stats,
+            self.advantage,
         )
         self._check_finite("reward (shaped per-token rewards)", rollout.rewards, iteration)
         self._check_finite("advantage", rollout.advantages, iteration)
@@ -415,8 +440,10 @@ class PPOModule(PhaseModule):
         return out
 
     def _clip_gradients(self) -> dict[str, torch.Tensor]:
-        """Clips the policy's and the critic's gradients separately; returns their norms before clipping."""
-        groups = {"policy": list(self.policy.parameters()), "value": self._critic_parameters()}
+        """Clips the policy's and the critic's (if any) gradients separately; returns their norms before clipping."""
+        groups = {"policy": list(self.policy.parameters())}
+        if self.value_head is not None:
+            groups["value"] = self._critic_parameters()
         clip = torch.nn.utils.clip_grad_norm_
         return {name: clip([p for p in params if p.grad is not None], self.hparams.max_grad_norm, foreach=True)
                 for name, params in groups.items()}  # fmt: skip
@@ -444,9 +471,11 @@ class PPOModule(PhaseModule):
     # -- optimisation ------------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
         h = self.hparams
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": h.lr}]
+        if self.value_head is not None:  # a critic-free estimator steps no critic
+            groups.append({"params": self._critic_parameters(), "lr": h.critic_lr})
         opt = torch.optim.AdamW(
-            [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": h.lr},
-             {"params": self._critic_parameters(), "lr": h.critic_lr}],
+            groups,
             weight_decay=h.weight_decay, betas=tuple(h.betas), fused=True,  # one kernel per step, not one per tensor
         )  # fmt: skip
         total = h.iterations * h.ppo_epochs * (h.rollout_batch // h.minibatch_size)

@@ -45,8 +45,11 @@ def score_batch(
     if full_kl_metric:
         kl = exact_kl(models.policy, hidden, models.ref_policy, ref_hidden, temperature)
         full_kl = unflatten_masked(kl, resp_mask)
-    trunk = models.critic_backbone if models.critic_backbone is not None else models.policy
-    values = models.value_head(response_hidden(trunk, ids, mask, prompt_ids.shape[1], resp_mask.shape[1])).float()
+    if models.value_head is None:  # a critic-free estimator: the values are never read
+        values = torch.zeros(resp_mask.shape, device=resp_mask.device)
+    else:
+        trunk = models.critic_backbone if models.critic_backbone is not None else models.policy
+        values = models.value_head(response_hidden(trunk, ids, mask, prompt_ids.shape[1], resp_mask.shape[1])).float()
     scores, ensemble_std = score(prompts, responses, prompt_ids, prompt_mask, resp_ids, resp_mask, out.ended)
     batch = ScoredBatch(prompt_ids, prompt_mask, resp_ids, resp_mask, out.ended, logp, ref_logp, values, scores,
                         full_kl)  # fmt: skip
@@ -94,9 +97,9 @@ def sequence_scores(
 def minibatch_loss(
     models: PPOModels, mb: Rollout, h: Any, kl: KLConfig, beta: float, temperature: float, value_clip: float | None
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Policy loss (fused, from the hidden states and the LM head) + ``h.vf_coef`` * clipped value loss of one
-    minibatch, and its stats (``h``: PPOModule's hyperparameters; ``beta``: the KL coefficient, used when the KL is
-    in the loss)."""
+    """Policy loss (fused, from the hidden states and the LM head) + ``h.vf_coef`` * clipped value loss (without a
+    critic: the policy loss alone) of one minibatch, and its stats (``h``: PPOModule's hyperparameters; ``beta``: the
+    KL coefficient, used when the KL is in the loss)."""
     ids, mask = mb.input_ids, mb.attention_mask
     p, r = mb.prompt_ids.shape[1], mb.response_ids.shape[1]
     sel = mb.response_mask
@@ -114,18 +117,21 @@ def minibatch_loss(
         kl_estimator=kl.estimator if kl.in_loss else "k1", ref_hidden=ref_hidden, ref_weight=ref_policy.lm_head_weight,
         adapted_head=adapted_lm_head(policy),
     )  # fmt: skip
-    critic = models.critic_backbone
-    values = models.value_head(hidden if critic is None else response_hidden(critic, ids, mask, p, r))  # (b, R)
-    v_loss, v_clipfrac = value_loss(values.float(), mb.values, mb.returns, sel, value_clip)
-    loss = pg_loss + h.vf_coef * v_loss
     stats = {
         "policy/loss": float(pg_loss.detach()),
         "policy/clipfrac": float(pstats.clip_fraction),
         tags.APPROX_KL: float(pstats.approx_kl),
         "policy/ratio": float(pstats.ratio),
         tags.ENTROPY: float(pstats.entropy),
+    }
+    if models.value_head is None:  # a critic-free estimator: the policy loss alone
+        return pg_loss, stats
+    critic = models.critic_backbone
+    values = models.value_head(hidden if critic is None else response_hidden(critic, ids, mask, p, r))  # (b, R)
+    v_loss, v_clipfrac = value_loss(values.float(), mb.values, mb.returns, sel, value_clip)
+    stats.update({
         "value/loss": float(v_loss.detach()),
         "value/clipfrac": float(v_clipfrac),
         "value/explained_variance": float(explained_variance(mb.values, mb.returns, sel)),
-    }
-    return loss, stats
+    })  # fmt: skip
+    return pg_loss + h.vf_coef * v_loss, stats

@@ -97,22 +97,25 @@ def check_config(h: Any, sampling: SamplingConfig, lora: LoRAConfig | None, eval
 
 class PPOModels(NamedTuple):
     """PPO's models: the policy, the frozen reference (a module, or the LoRA policy with its adapters off), the frozen
-    reward model (None for another reward source), the critic's own trunk (None for a shared critic), the value
-    head, and the callable reward source (None unless ``reward_source`` names one)."""
+    reward model (None for another reward source), the critic's own trunk (None for a shared critic or none), the
+    value head (None when the advantage estimator needs no critic), and the callable reward source (None unless
+    ``reward_source`` names one)."""
 
     policy: nn.Module
     ref_policy: nn.Module | AdaptersDisabled
     reward_model: RewardModel | None
     critic_backbone: nn.Module | None
-    value_head: ValueHead
+    value_head: ValueHead | None
     score_fn: ScoreFn | None
 
 
 def build_models(
-    h: Any, sampling: SamplingConfig, lora: LoRAConfig | None, rewards: RewardConfig, dm: Any, tokenizer: Tokenizer
-) -> PPOModels:
+    h: Any, sampling: SamplingConfig, lora: LoRAConfig | None, rewards: RewardConfig, dm: Any, tokenizer: Tokenizer,
+    needs_critic: bool = True,
+) -> PPOModels:  # fmt: skip
     """PPO's models from the checkpoints that ``h`` (PPOModule's hyperparameters) names; ``dm`` is the prompt data
-    module and ``tokenizer`` its tokenizer, which must be the checkpoints' own."""
+    module and ``tokenizer`` its tokenizer, which must be the checkpoints' own. Without ``needs_critic`` (a
+    critic-free advantage estimator) no critic is built: no value head, no critic trunk."""
     policy, sft_tokenizer = load_sft_backbone(h.sft_checkpoint)
     check_same_tokenizer(
         sft_tokenizer, tokenizer,
@@ -146,9 +149,9 @@ def build_models(
             raise ValueError("reward_source 'gold' needs the world's gold judge (data_dir holds no world)")
     else:
         score_fn = import_score_fn(h.reward_source)
-    value_head = ValueHead(policy.hidden_size)
+    value_head = ValueHead(policy.hidden_size) if needs_critic else None
     critic_backbone = None
-    if h.critic == "separate":
+    if needs_critic and h.critic == "separate":
         critic_backbone = copy.deepcopy(trunk)
         critic_backbone.requires_grad_(True)
         disable_dropout(critic_backbone)

@@ -3,7 +3,17 @@ shaping, a rollout's whole shaping (:func:`shape_rollout`), the policy and value
 Lightning here: the PPO module orchestrates them."""
 
 from rlhf_kernels import KL_ESTIMATORS
-from rlhf_lightning.rl.advantages import explained_variance, gae, masked_mean, masked_var, whiten
+from rlhf_lightning.rl.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageConfig,
+    estimate_advantages,
+    explained_variance,
+    gae,
+    group_baseline_advantages,
+    masked_mean,
+    masked_var,
+    whiten,
+)
 from rlhf_lightning.rl.kl import (
     DEFAULT_KL_HORIZON,
     AdaptiveKL,
@@ -27,9 +37,11 @@ from rlhf_lightning.rl.rollout import RolloutStats, ScoredBatch, ScoreStats, sha
 from rlhf_lightning.rl.types import Rollout
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "DEFAULT_KL_HORIZON",
     "KL_ESTIMATORS",
     "AdaptiveKL",
+    "AdvantageConfig",
     "AnnealedKL",
     "FixedKL",
     "KLConfig",
@@ -42,8 +54,10 @@ __all__ = [
     "ScoreStats",
     "ScoredBatch",
     "ShapedRewards",
+    "estimate_advantages",
     "explained_variance",
     "gae",
+    "group_baseline_advantages",
     "kl_controller",
     "masked_mean",
     "masked_var",

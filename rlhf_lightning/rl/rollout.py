@@ -1,5 +1,5 @@
-"""A rollout's shaping, in one pure function: scores -> length debias -> normalisation -> KL -> shaped rewards -> GAE
--> whitening.
+"""A rollout's shaping, in one pure function: scores -> length debias -> normalisation -> KL -> shaped rewards ->
+advantages (GAE or a critic-free estimator) -> whitening.
 
 The PPO module samples and scores a batch (:class:`ScoredBatch`); everything from there to the advantages the update
 reads happens here, so the whole path from a score to an advantage can be read (and tested) in one place.
@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_lightning.rl.advantages import gae, whiten
+from rlhf_lightning.rl.advantages import AdvantageConfig, estimate_advantages
 from rlhf_lightning.rl.kl import KLConfig, per_token_kl
 from rlhf_lightning.rl.rewards import RewardConfig, remove_length_trend, shape_rewards
 from rlhf_lightning.rl.types import Rollout
@@ -70,6 +70,7 @@ def shape_rollout(
     lam: float,
     whiten_advantages: bool,
     score_stats: ScoreStats,
+    advantage: AdvantageConfig | None = None,
 ) -> tuple[Rollout, RolloutStats]:
     """The rollout the PPO update reads, from a scored batch.
 
@@ -79,7 +80,8 @@ def shape_rollout(
        always k1's (the one estimator whose score-function gradient is the KL's), and 0 when the KL is in the loss;
     3. rewards: ``-beta * KL_t`` per token plus the clipped score at the last real token (:func:`shape_rewards`,
        with ``rewards.clip`` and ``rewards.missing_eos_score``);
-    4. GAE advantages and returns (``gamma``, ``lam``), the advantages whitened over the rollout when asked.
+    4. advantages and returns by ``advantage``'s estimator (default GAE with ``gamma``, ``lam``; see
+       :func:`~rlhf_lightning.rl.advantages.estimate_advantages`), whitened over the rollout when asked.
 
     Args:
         batch: the sampled responses and their measurements, shapes as in :class:`ScoredBatch`.
@@ -103,9 +105,8 @@ def shape_rollout(
     else:
         penalty_kl = measured if kl.metric == "k1" else per_token_kl(batch.logprobs, batch.ref_logprobs, mask, "k1")
     shaped = shape_rewards(scores, penalty_kl, mask, beta, batch.ended, rewards.missing_eos_score, rewards.clip)
-    advantages, returns = gae(shaped.rewards, batch.values, mask, gamma, lam)
-    if whiten_advantages:
-        advantages = whiten(advantages, mask)
+    advantages, returns = estimate_advantages(advantage or AdvantageConfig(), shaped.rewards, batch.values, mask,
+                                              gamma, lam, whiten_advantages)  # fmt: skip
     rollout = Rollout(batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask, batch.ended, batch.logprobs,
                       batch.ref_logprobs, batch.values, batch.scores, measured, shaped.rewards, advantages,
                       returns)  # fmt: skip
