@@ -44,7 +44,7 @@ from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.models.tinygpt import TinyGPT
 
 #: The state-dict prefix of the policy backbone in each policy phase's checkpoint.
-POLICY_PREFIXES = {"sft": "model.", "ppo": "policy."}
+POLICY_PREFIXES = {"sft": "model.", "ppo": "policy.", "dpo": "policy."}
 REWARD_PREFIX = "reward_model."
 #: The largest difference (relative to the largest value, or absolute below 1) the exported model's logits may show
 #: on a probe input before the export is refused. The conversion is exact in practice (0.0 on CPU); tanh GELU in
