@@ -3,6 +3,7 @@ reference model in a training step), the first loss, and the checkpoint alone re
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -143,3 +144,22 @@ def test_bad_settings_stop_in_one_line(base, monkeypatch, capsys, setting, messa
         main(["fit", "-c", "dpo", *QUIET, *words])
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_best_of_n_command(base, tmp_path, capsys):
+    """``rlhf best-of-n`` through main: one row per n, n = 1 the SFT policy itself (KL 0), the proxy rising with n
+    (the expected maximum of more samples), the analytic KL, and the JSON and markdown files."""
+    out = tmp_path / "bon"
+    main(["--debug", "best-of-n", "--sft-checkpoint", str(base / "runs/sft/checkpoints/last.ckpt"),
+          "--rm-checkpoint", str(base / "runs/rm/checkpoints/last.ckpt"), "--data-dir", str(base / "runs/world"),
+          "--n", "4,1,2", "--prompts", "6", "--max-new-tokens", "6", "--out", str(out)])  # fmt: skip
+    rows = json.loads((out / "best_of_n.json").read_text())["rows"]
+    assert [r["n"] for r in rows] == [1, 2, 4]
+    assert rows[0]["kl"] == 0.0 and rows[2]["kl"] == pytest.approx(math.log(4) - 0.75)
+    assert rows[0]["proxy"] <= rows[1]["proxy"] <= rows[2]["proxy"]
+    assert all(math.isfinite(r["gold"]) for r in rows)
+    assert (out / "best_of_n.md").read_text().startswith("| n | gold | proxy | KL (nats) |")
+    assert "[best-of-n] 4 samples x 6 prompts" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["best-of-n", "--n", "0,2", "--out", str(out)])
+    assert "rlhf: error: best-of-n: --n '0,2': every n must be >= 1" in capsys.readouterr().err
