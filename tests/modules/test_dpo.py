@@ -63,6 +63,8 @@ def test_cli_end_to_end(base, monkeypatch):
     assert not any(k.startswith(("ref_policy.", "reward_model.")) for k in state)
     torch.testing.assert_close(module.policy.state_dict(), {k[len("policy.") :]: v for k, v in state.items()})
     assert module.tokenizer is not None
+    main(["--debug", "export", str(ckpt), "--out", str(base / "dpo_export")])  # a causal LM like SFT's and PPO's
+    assert (base / "dpo_export/config.json").is_file()
 
 
 class RefCalls(Callback):
