@@ -7,6 +7,7 @@
     rlhf export CKPT --out DIR          # a checkpoint as a Hugging Face model directory (safetensors + tokenizer)
     rlhf hf-tiny --out DIR              # a tiny local Hugging Face GPT-2 + tokenizer for the embedded world
     rlhf configs [--out DIR]            # the packaged configs and presets, or a copy of them to edit
+    rlhf best-of-n --out DIR            # best-of-n from the SFT policy: gold, proxy and KL per n (a baseline)
 
 ``fit`` (and validate/test) take the module and data module classes from the config's ``class_path``, so one
 command serves every phase. Checkpoints are written atomically (temporary file, fsync, rename).
@@ -164,6 +165,8 @@ SUBCOMMANDS = {
     "export": Command("a checkpoint as a Hugging Face model directory", "rlhf_lightning.export:export_main"),
     "hf-tiny": Command("a tiny local Hugging Face GPT-2 + tokenizer for the embedded world",
                        "rlhf_lightning.hf_tiny:hf_tiny_main"),
+    "best-of-n": Command("best-of-n sampling from the SFT policy: gold and proxy reward and KL per n",
+                         "rlhf_lightning.best_of_n:best_of_n_main"),
     "configs": Command("list the packaged configs and presets, or copy them for editing (--out DIR)",
                        "rlhf_lightning.packaged:configs_main"),
 }  # fmt: skip

@@ -1,13 +1,13 @@
 """Export a checkpoint as a Hugging Face model directory: ``rlhf export CHECKPOINT --out DIR``.
 
-* A policy checkpoint (phase "sft" or "ppo") becomes a causal LM that ``AutoModelForCausalLM.from_pretrained(DIR)``
-  loads and that gives the checkpoint's logits, hence its greedy tokens. A Hugging Face backbone is saved as it is; a
-  TinyGPT is converted to the equivalent ``GPT2LMHeadModel``: both are pre-norm transformers with learned positions,
-  LayerNorm (eps 1e-5) with bias, biased linear layers, exact GELU in a 4x MLP, attention scaled by 1/sqrt(head_dim)
-  and an LM head tied to the token embedding. TinyGPT's ``qkv`` (q, k, v in that order, heads contiguous) is GPT-2's
-  fused ``c_attn``; GPT-2's ``Conv1D`` stores weights as (in, out), so every linear weight is transposed. A LoRA
-  policy (PPO with ``lora``) is exported with its adapters merged into the weights (peft's ``merge_and_unload``): a
-  plain model of its backbone's kind, checked on a probe against the adapted one.
+* A policy checkpoint (phase "sft", "ppo" or "dpo") becomes a causal LM that
+  ``AutoModelForCausalLM.from_pretrained(DIR)`` loads and that gives the checkpoint's logits, hence its greedy tokens. A
+  Hugging Face backbone is saved as it is; a TinyGPT is converted to the equivalent ``GPT2LMHeadModel``: both are
+  pre-norm transformers with learned positions, LayerNorm (eps 1e-5) with bias, biased linear layers, exact GELU in a 4x
+  MLP, attention scaled by 1/sqrt(head_dim) and an LM head tied to the token embedding. TinyGPT's ``qkv`` (q, k, v in
+  that order, heads contiguous) is GPT-2's fused ``c_attn``; GPT-2's ``Conv1D`` stores weights as (in, out), so every
+  linear weight is transposed. A LoRA policy (PPO with ``lora``) is exported with its adapters merged into the weights
+  (peft's ``merge_and_unload``): a plain model of its backbone's kind, checked on a probe against the adapted one.
 * A reward checkpoint (phase "reward") becomes a sequence-classification model (``AutoModelForSequenceClassification``)
   with one label per ensemble member: ``logits[:, k]`` is member k's *raw* score, ``RewardModel.raw_members``, of the
   last non-pad token of a right-padded sequence (``config.pad_token_id`` is the tokenizer's pad). The normalisation
@@ -44,7 +44,7 @@ from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.models.tinygpt import TinyGPT
 
 #: The state-dict prefix of the policy backbone in each policy phase's checkpoint.
-POLICY_PREFIXES = {"sft": "model.", "ppo": "policy."}
+POLICY_PREFIXES = {"sft": "model.", "ppo": "policy.", "dpo": "policy."}
 REWARD_PREFIX = "reward_model."
 #: The largest difference (relative to the largest value, or absolute below 1) the exported model's logits may show
 #: on a probe input before the export is refused. The conversion is exact in practice (0.0 on CPU); tanh GELU in
@@ -58,7 +58,8 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, force: bo
     """Writes the checkpoint at ``path`` as a Hugging Face model directory ``out`` (safetensors + tokenizer).
 
     Args:
-        path: an rlhf-lightning checkpoint of phase "sft", "ppo" (a causal LM) or "reward" (sequence classification).
+        path: an rlhf-lightning checkpoint of phase "sft", "ppo", "dpo" (a causal LM) or "reward" (sequence
+            classification).
         out: the directory to create.
         force: replace ``out`` when it exists and is not an empty directory.
 
@@ -76,7 +77,8 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, force: bo
     meta = ckpt[RLHF_KEY]
     phase = meta.get("phase")
     if phase not in (*POLICY_PREFIXES, "reward"):
-        raise ValueError(f"checkpoint {path} is of phase {phase!r}; export supports 'sft', 'ppo' and 'reward'")
+        supported = "'sft', 'ppo', 'dpo' and 'reward'"
+        raise ValueError(f"checkpoint {path} is of phase {phase!r}; export supports {supported}")
     state = ckpt.get("state_dict") or {}
     try:
         tokenizer = Tokenizer.from_json_str(meta["tokenizer"], meta["eos_token"], meta["pad_token"])
@@ -315,7 +317,7 @@ def export_main(argv: list[str]) -> None:
     parser = ArgumentParser(
         prog="rlhf export", description="Export a checkpoint as a Hugging Face model directory (safetensors)."
     )
-    parser.add_argument("checkpoint", type=Path, help="an sft, ppo or reward checkpoint")
+    parser.add_argument("checkpoint", type=Path, help="an sft, ppo, dpo or reward checkpoint")
     parser.add_argument("--out", required=True, type=Path, help="the model directory to create")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     args = parser.parse_args(argv)

@@ -39,6 +39,7 @@ EVAL_GOLD_REWARD = "eval/gold_reward"  # mean gold score of the policy's held-ou
 EVAL_SFT_PROXY_REWARD = "eval/sft_proxy_reward"  # the same proxy score of the SFT policy's responses
 EVAL_SFT_GOLD_REWARD = "eval/sft_gold_reward"  # the same gold score of the SFT policy's responses
 EVAL_WIN_RATE = "eval/win_rate"  # fraction of prompts where the policy's gold beats SFT's (ties count half)
+EVAL_KL = "eval/kl"  # mean KL of the policy's held-out responses to the SFT policy, nats per response (DPO)
 EVAL_LENGTH_MEAN = "eval/length_mean"  # mean length of the policy's held-out responses (tokens)
 EVAL_SFT_PER_INPUT = "eval/sft_per_input"  # prefix of the SFT policy's per-input diversity
 EVAL_SFT_PER_INPUT_DISTINCT_2 = "eval/sft_per_input_distinct_2"  # PER_INPUT_DISTINCT_2 of the SFT policy
