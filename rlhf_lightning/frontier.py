@@ -155,8 +155,8 @@ def frontier_table(methods: dict[str, dict[str, Any]]) -> str:
 
 
 def plot_frontier(methods: dict[str, dict[str, Any]], path: Path) -> None:
-    """Two panels, gold and proxy against sqrt(KL): each method's points (a marker per run) in its colour and its
-    fitted curve, drawn from its SFT evaluation (the first run's) up to its farthest point."""
+    """Two panels, gold and proxy against sqrt(KL): each method's points (a marker per run) in its colour, its SFT
+    evaluation (the first run's; a star at d = 0) and its fitted curve from there up to its farthest point."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display
@@ -169,9 +169,12 @@ def plot_frontier(methods: dict[str, dict[str, Any]], path: Path) -> None:
         for ax, quantity in zip(axes, ("gold", "proxy"), strict=True):
             for j, (label, run) in enumerate(m["runs"].items()):
                 pts = [p for p in run["points"] if p[quantity] is not None]
+                legend = name if label == name else f"{name} {label}"
                 ax.scatter([p["d"] for p in pts], [p[quantity] for p in pts], color=colour, marker="os^Dv"[j % 5],
-                           s=18, label=f"{name} {label}" if quantity == "gold" else None)  # fmt: skip
+                           s=18, label=legend if quantity == "gold" else None)  # fmt: skip
             coef, sft = m[f"fit_{quantity}"], next(iter(m["runs"].values()))["sft"][quantity]
+            if sft is not None:  # the SFT evaluation, d = 0, where the method's curve starts
+                ax.scatter([0.0], [sft], color=colour, marker="*", s=60, edgecolors="black", linewidths=0.5)
             if coef is not None and sft is not None:
                 d = np.linspace(0.0, m["max_d"], 100)
                 ax.plot(d, sft + predict(m["form"], coef["a"], coef["b"], d), color=colour, lw=1.5)
