@@ -42,9 +42,9 @@ import numpy as np
 
 from rlhf_lightning import tags
 from rlhf_lightning.diagnose.events import EVENT_GLOB, read_scalars
-from rlhf_lightning.errors import ArgumentParser
+from rlhf_lightning.errors import USER_ERRORS, ArgumentParser, UsageError, user_message
 from rlhf_lightning.io import atomic_open
-from rlhf_lightning.pipeline import join_option_values, parse_args, phase_plan, run_plan
+from rlhf_lightning.pipeline import check_phases, join_option_values, parse_args, phase_plan, run_plan
 from rlhf_lightning.rl.frontier import FitForm, distance, fit, predict
 
 
@@ -213,23 +213,36 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def frontier_main(argv: list[str]) -> dict[str, Any]:
-    """``rlhf frontier``; returns what it writes to ``frontier.json``."""
+    """``rlhf frontier``; returns what it writes to ``frontier.json``.
+
+    Every run's config and overrides are checked (pipeline's :func:`check_phases`) before anything trains, so a
+    mistake in the last method's settings costs seconds, not the first methods' training."""
     from rlhf_lightning.cli import main as rlhf_main
 
     args = _parse(argv)
     budget, out = QUICK if args.quick else FULL, args.out
-    out.mkdir(parents=True, exist_ok=True)
+    world = out / "runs" / "world"
     # The SFT and reward-model phases of `rlhf pipeline` (its PPO phase is left out: the methods are run below).
     given = [f"--{name}-checkpoint={getattr(args, f'{name}_checkpoint')}" for name in ("sft", "rm")
              if getattr(args, f"{name}_checkpoint") is not None]  # fmt: skip
     phase_args = [f"--{phase}-args={shlex.join(budget.args[phase])} {getattr(args, f'{phase}_args')}"
                   for phase in ("sft", "rm")]  # fmt: skip
-    base = parse_args(["--out", str(out), "--no-diagnose", *given, *phase_args])
+    base_argv = ["--out", str(out), "--no-diagnose", *given, *phase_args]
+    planned = _planned_runs(args, budget, world)
+    for name, runs in planned.items():
+        for label, (_, extra) in runs.items():
+            try:
+                check_phases(parse_args([*base_argv, f"--ppo-config={TRAINED[name].config}",
+                                         f"--ppo-args={shlex.join(extra)}"]))  # fmt: skip
+            except USER_ERRORS as err:  # the pipeline's third phase is this method's run: say which
+                raise UsageError(user_message(err).replace("ppo phase:", f"{name} {label}:", 1)) from err
+
+    out.mkdir(parents=True, exist_ok=True)
+    base = parse_args(base_argv)
     start = time.perf_counter()
     base_seconds = run_plan(out, [(phase, cmd) for phase, cmd in phase_plan(base, out, None) if phase != "ppo"])
     sft = args.sft_checkpoint.resolve() if args.sft_checkpoint else out / "runs/sft/checkpoints/last.ckpt"
     rm = args.rm_checkpoint.resolve() if args.rm_checkpoint else out / "runs/rm/checkpoints/last.ckpt"
-    world = out / "runs" / "world"
     if not (world / "world.json").is_file():  # both checkpoints given: the runs below read this world
         rlhf_main(["world", "--out", str(world)])
 
@@ -237,16 +250,10 @@ def frontier_main(argv: list[str]) -> dict[str, Any]:
     for name in args.methods:
         started = time.perf_counter()
         if name == "best_of_n":
-            runs = {"best_of_n": _best_of_n(rlhf_main, out / "best_of_n", sft, rm, world, budget, args.best_of_n_args)}
+            runs = {"best_of_n": _best_of_n(out / "best_of_n", sft, rm, world, budget, args.best_of_n_args)}
         else:
-            runs = {}
-            method = TRAINED[name]
-            for beta in budget.betas[method.budget]:
-                label = f"beta_{beta:g}"
-                own = shlex.split(getattr(args, f"{method.budget}_args"))
-                extra = [*method.overrides, method.beta.format(beta), *budget.args[method.budget],
-                         f"--data.init_args.data_dir={world}", *own]  # fmt: skip
-                runs[label] = {"beta": beta, **_trained_run(out / name / label, method.config, sft, rm, extra)}
+            runs = {label: {"beta": beta, **_trained_run(out / name / label, TRAINED[name].config, sft, rm, extra)}
+                    for label, (beta, extra) in planned[name].items()}  # fmt: skip
         methods[name] = {**summarize_method(FORMS[name], runs), "runs": runs,
                          "seconds": time.perf_counter() - started}  # fmt: skip
     record = {"out": str(out), "quick": args.quick, "sft_checkpoint": str(sft), "rm_checkpoint": str(rm),
@@ -264,6 +271,25 @@ def frontier_main(argv: list[str]) -> dict[str, Any]:
     return record
 
 
+#: Per trained method, per run label (``beta_<beta>``): the run's beta and its ``rlhf fit`` overrides.
+Planned = dict[str, dict[str, tuple[float, list[str]]]]
+
+
+def _planned_runs(args: argparse.Namespace, budget: Budget, world: Path) -> Planned:
+    """The trained runs of the methods asked: their overrides are the method's, its beta, the budget's, the shared
+    world, then the user's ``--rl-args`` / ``--dpo-args``."""
+    planned: Planned = {}
+    for name in args.methods:
+        if name not in TRAINED:
+            continue
+        method, runs = TRAINED[name], planned.setdefault(name, {})
+        own = shlex.split(getattr(args, f"{method.budget}_args"))
+        for beta in budget.betas[method.budget]:
+            runs[f"beta_{beta:g}"] = (beta, [*method.overrides, method.beta.format(beta), *budget.args[method.budget],
+                                             f"--data.init_args.data_dir={world}", *own])  # fmt: skip
+    return planned
+
+
 def _trained_run(run_dir: Path, config: str, sft: Path, rm: Path, extra: list[str]) -> dict[str, Any]:
     """One trained run as ``rlhf pipeline``'s third phase with ``config`` in its own run directory (the SFT and reward
     checkpoints given); its SFT evaluation, points (:func:`method_points`), folder and seconds."""
@@ -277,8 +303,10 @@ def _trained_run(run_dir: Path, config: str, sft: Path, rm: Path, extra: list[st
     return {"dir": str(log_dir), "seconds": seconds, "sft": sft_eval, "points": points}
 
 
-def _best_of_n(rlhf_main: Any, folder: Path, sft: Path, rm: Path, world: Path, budget: Budget, extra: str) -> dict:
+def _best_of_n(folder: Path, sft: Path, rm: Path, world: Path, budget: Budget, extra: str) -> dict[str, Any]:
     """``rlhf best-of-n`` over the budget's n; its n = 1 row as the SFT evaluation, a point per n (``step``: n)."""
+    from rlhf_lightning.cli import main as rlhf_main
+
     started = time.perf_counter()
     rlhf_main(["best-of-n", "--sft-checkpoint", str(sft), "--rm-checkpoint", str(rm), "--data-dir", str(world),
                "--n", ",".join(map(str, budget.ns)), "--out", str(folder), *shlex.split(extra)])  # fmt: skip

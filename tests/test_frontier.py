@@ -52,3 +52,13 @@ def test_an_unknown_method_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("rlhf: error:") and "--methods ppo,sac" in err and "\n" not in err
     assert not (tmp_path / "f").exists()
+
+
+def test_a_bad_override_of_the_last_method_fails_before_anything_trains(tmp_path, capsys):
+    out = tmp_path / "f"
+    with pytest.raises(SystemExit) as exc:
+        main(["frontier", "--out", str(out), "--quick", "--methods", "ppo,dpo", "--dpo-args=--model.init_args.beta=x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlhf: error: dpo beta_0.1:") and "beta" in err and "\n" not in err
+    assert not out.exists()
