@@ -44,6 +44,7 @@ from rlhf_lightning import tags
 from rlhf_lightning.diagnose.events import EVENT_GLOB, read_scalars
 from rlhf_lightning.errors import USER_ERRORS, ArgumentParser, UsageError, user_message
 from rlhf_lightning.io import atomic_open
+from rlhf_lightning.modules.common import markdown_table
 from rlhf_lightning.pipeline import check_phases, join_option_values, parse_args, phase_plan, run_plan
 from rlhf_lightning.rl.frontier import FitForm, distance, fit, predict
 
@@ -120,17 +121,15 @@ def summarize_method(form: FitForm, runs: dict[str, dict[str, Any]]) -> dict[str
     """A method's fits and best point from its runs (each with ``sft`` and ``points``, see :func:`method_points`):
     gold and proxy relative to each run's SFT evaluation, all runs' points in one fit per quantity."""
     points = [(label, p) for label, run in runs.items() for p in run["points"]]
-    d = np.array([p["d"] for _, p in points])
-    summary: dict[str, Any] = {"form": form}
+    summary: dict[str, Any] = {"form": form, "max_d": max((p["d"] for _, p in points), default=0.0)}
     for quantity in ("gold", "proxy"):
         usable = [(label, p) for label, p in points if None not in (p[quantity], runs[label]["sft"][quantity])]
         gains = np.array([p[quantity] - runs[label]["sft"][quantity] for label, p in usable])
-        result = fit(form, np.array([p["d"] for _, p in usable]), gains) if usable else None
+        result = fit(form, np.array([p["d"] for _, p in usable]), gains)
         summary[f"fit_{quantity}"] = None if result is None else {"a": result.a, "b": result.b, "r2": result.r2}
     label, best = max(points, key=lambda lp: lp[1]["gold"])
     summary["best"] = {"gold": best["gold"], "gain": best["gold"] - runs[label]["sft"]["gold"], "kl": best["kl"],
                        "run": label, "step": best["step"]}  # fmt: skip
-    summary["max_d"] = float(d.max()) if len(d) else 0.0
     return summary
 
 
@@ -138,20 +137,18 @@ def frontier_table(methods: dict[str, dict[str, Any]]) -> str:
     """The per-method Markdown table of ``frontier.md``: form, points, gold fit (a, b, R^2), proxy fit's R^2, best
     gold (its gain over SFT) and the KL where it was reached, wall time."""
 
-    def num(x: float | None, spec: str = ".3f") -> str:
-        return "-" if x is None else format(x, spec)
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
 
     head = ["method", "form", "points", "a", "b", "R^2 gold", "R^2 proxy", "best gold (gain)", "KL at best (nats)",
             "wall (s)"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name, m in methods.items():
-        g, p = m["fit_gold"] or {}, m["fit_proxy"] or {}
-        best = m["best"]
-        row = [name, m["form"], str(sum(len(r["points"]) for r in m["runs"].values())), num(g.get("a")),
-               num(g.get("b")), num(g.get("r2")), num(p.get("r2")), f"{best['gold']:.3f} ({best['gain']:+.3f})",
-               f"{best['kl']:.2f}", f"{m['seconds']:.0f}"]  # fmt: skip
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+        g, p, best = m["fit_gold"] or {}, m["fit_proxy"] or {}, m["best"]
+        rows.append([name, m["form"], str(sum(len(r["points"]) for r in m["runs"].values())), num(g.get("a")),
+                     num(g.get("b")), num(g.get("r2")), num(p.get("r2")), f"{best['gold']:.3f} ({best['gain']:+.3f})",
+                     f"{best['kl']:.2f}", f"{m['seconds']:.0f}"])  # fmt: skip
+    return markdown_table(head, rows) + "\n"
 
 
 def plot_frontier(methods: dict[str, dict[str, Any]], path: Path) -> None:
