@@ -8,6 +8,7 @@
     rlhf hf-tiny --out DIR              # a tiny local Hugging Face GPT-2 + tokenizer for the embedded world
     rlhf configs [--out DIR]            # the packaged configs and presets, or a copy of them to edit
     rlhf best-of-n --out DIR            # best-of-n from the SFT policy: gold, proxy and KL per n (a baseline)
+    rlhf frontier --out DIR [--quick]   # gold vs sqrt(KL) of best-of-n, PPO, GRPO, RLOO, REINFORCE++, DPO, fitted
 
 ``fit`` (and validate/test) take the module and data module classes from the config's ``class_path``, so one
 command serves every phase. Checkpoints are written atomically (temporary file, fsync, rename).
@@ -167,6 +168,8 @@ SUBCOMMANDS = {
                        "rlhf_lightning.hf_tiny:hf_tiny_main"),
     "best-of-n": Command("best-of-n sampling from the SFT policy: gold and proxy reward and KL per n",
                          "rlhf_lightning.best_of_n:best_of_n_main"),
+    "frontier": Command("gold and proxy reward against sqrt(KL to SFT) per method, fitted (Gao et al. 2022)",
+                        "rlhf_lightning.frontier:frontier_main"),
     "configs": Command("list the packaged configs and presets, or copy them for editing (--out DIR)",
                        "rlhf_lightning.packaged:configs_main"),
 }  # fmt: skip

@@ -275,7 +275,22 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _parse_args(argv: list[str]) -> argparse.Namespace:
+def join_option_values(argv: list[str], options: set[str]) -> list[str]:
+    """``argv`` with each of ``options`` and the word after it joined into one ``OPTION=VALUE``: argparse would read a
+    value such as ``"--x=1"`` of ``--ppo-args --x=1`` as an option of its own."""
+    joined, i = [], 0
+    while i < len(argv):
+        if argv[i] in options and i + 1 < len(argv):
+            joined.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(argv[i])
+            i += 1
+    return joined
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """``rlhf pipeline``'s arguments (``argv`` without the program name), checked, their paths absolute."""
     parser = ArgumentParser(prog="rlhf pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/pipeline"), help="run directory")
     parser.add_argument(
@@ -298,16 +313,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     for phase in PHASES:
         parser.add_argument(f"--{phase}-config", help=f"a config file or a packaged name (default {phase}, hf/{phase})")
         parser.add_argument(f"--{phase}-args", default="", help=f"extra `rlhf fit` arguments of the {phase} phase")
-    # "--ppo-args --x=1" would read the value as an option: join each such pair into "--ppo-args=--x=1" first.
-    joined, i = [], 0
-    while i < len(argv):
-        if argv[i] in {f"--{phase}-args" for phase in PHASES} and i + 1 < len(argv):
-            joined.append(f"{argv[i]}={argv[i + 1]}")
-            i += 2
-        else:
-            joined.append(argv[i])
-            i += 1
-    args = parser.parse_args(joined)
+    args = parser.parse_args(join_option_values(argv, {f"--{phase}-args" for phase in PHASES}))
     if args.hf_model is not None and not (args.hf_model / "config.json").is_file():
         parser.error(f"--hf-model {args.hf_model} is not a Hugging Face model directory (no config.json)")
     args.hf_tokenizer = args.hf_tokenizer or args.hf_model
@@ -342,7 +348,7 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
     Every phase's config, overrides and data are checked (:func:`check_phases`) before any phase trains, so a
     mistake in the last phase's settings costs seconds, not the first phases' training.
     """
-    args = _parse_args(argv)
+    args = parse_args(argv)
     out = args.out.resolve()
     sized = check_phases(args)
     if args.seeds is None:
@@ -506,16 +512,14 @@ def run_pipeline(
         raise
 
 
-def _run_phases(
-    args: argparse.Namespace, out: Path, seed: int | None, sized: dict[str, list[str]] | None
-) -> dict[str, Any]:
+def run_plan(out: Path, plan: list[tuple[str, list[str] | None]]) -> dict[str, float]:
+    """Runs the ``rlhf fit`` commands of a :func:`phase_plan` in order inside the run directory ``out``; returns the
+    seconds each phase that ran took."""
     from rlhf_lightning.cli import main as rlhf_main
 
-    for path in args.preset:
-        print(f"[pipeline] preset {path}: {str(load_preset(path).get('description', '')).strip()}")
     timings: dict[str, float] = {}
     with _phase_context(out):
-        for phase, cmd in phase_plan(args, out, seed, sized):
+        for phase, cmd in plan:
             if cmd is None:
                 print(f"[pipeline] {phase}: skipped (checkpoint given)")
                 continue
@@ -523,7 +527,19 @@ def _run_phases(
             start = time.perf_counter()
             rlhf_main(cmd)
             timings[phase] = time.perf_counter() - start
-        if not args.no_diagnose:
+    return timings
+
+
+def _run_phases(
+    args: argparse.Namespace, out: Path, seed: int | None, sized: dict[str, list[str]] | None
+) -> dict[str, Any]:
+    from rlhf_lightning.cli import main as rlhf_main
+
+    for path in args.preset:
+        print(f"[pipeline] preset {path}: {str(load_preset(path).get('description', '')).strip()}")
+    timings = run_plan(out, phase_plan(args, out, seed, sized))
+    if not args.no_diagnose:
+        with _phase_context(out):
             rlhf_main(["diagnose", "runs/ppo", "--out", "diagnose"])
     summary = {**summarize(out), "seed": seed, "seconds": timings, "run_dir": str(out)}
     if not args.no_diagnose:

@@ -19,7 +19,7 @@ FLOORS = {
     "models": 3,  # backbones, heads, the reward model, sampling
     "rl": 4,  # the PPO math
     "modules": 5,  # the phases
-    "callbacks": 6, "export": 6, "hf_tiny": 6, "pipeline": 6, "cli": 6, "best_of_n": 6,  # what a user runs
+    "callbacks": 6, "export": 6, "hf_tiny": 6, "pipeline": 6, "cli": 6, "best_of_n": 6, "frontier": 6,  # commands
 }  # fmt: skip
 
 

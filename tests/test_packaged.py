@@ -70,7 +70,7 @@ def test_fit_runs_a_packaged_config_by_name(tmp_path, monkeypatch, capsys, from_
 
 def test_pipeline_resolves_presets_configs_and_its_defaults_by_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = pipeline._parse_args(["--preset", "configs/failures/no_kl.yaml", "--preset", "fixes/adaptive_kl",
+    args = pipeline.parse_args(["--preset", "configs/failures/no_kl.yaml", "--preset", "fixes/adaptive_kl",
                                  "--rm-config", "hf/rm"])  # fmt: skip
     assert args.preset == [CONFIGS / "failures/no_kl.yaml", CONFIGS / "fixes/adaptive_kl.yaml"]
     assert (args.sft_config, args.rm_config, args.ppo_config) == (CONFIGS / "sft.yaml", CONFIGS / "hf/rm.yaml",
@@ -80,17 +80,17 @@ def test_pipeline_resolves_presets_configs_and_its_defaults_by_name(tmp_path, mo
     hf.mkdir()
     (hf / "config.json").write_text("{}")
     (hf / "tokenizer.json").write_text("{}")
-    args = pipeline._parse_args(["--hf-model", str(hf)])
+    args = pipeline.parse_args(["--hf-model", str(hf)])
     assert [args.sft_config, args.rm_config, args.ppo_config] == [CONFIGS / f"hf/{p}.yaml" for p in pipeline.PHASES]
     with pytest.raises(ValueError, match=r"^--ppo-config nope\.yaml: no such file"):
-        pipeline._parse_args(["--ppo-config", "nope.yaml"])
+        pipeline.parse_args(["--ppo-config", "nope.yaml"])
 
 
 def test_pipeline_takes_a_relative_config_from_where_it_was_started(tmp_path, monkeypatch):
     """The phases run inside the run directory: a config given relative to the working directory is made absolute."""
     monkeypatch.chdir(tmp_path)
     copy_configs(tmp_path / "cfg")
-    assert pipeline._parse_args(["--sft-config", "cfg/sft.yaml"]).sft_config == (tmp_path / "cfg/sft.yaml").resolve()
+    assert pipeline.parse_args(["--sft-config", "cfg/sft.yaml"]).sft_config == (tmp_path / "cfg/sft.yaml").resolve()
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["-h"], []])

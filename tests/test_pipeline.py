@@ -310,7 +310,7 @@ def test_bad_presets_fail_clearly(tmp_path):
 def test_data_dir_budgets_are_sized_to_the_data(tmp_path):
     data = tmp_path / "data"
     write_unicode_data_dir(data)
-    args = pipeline._parse_args(["--out", str(tmp_path / "run"), "--data-dir", str(data)])
+    args = pipeline.parse_args(["--out", str(tmp_path / "run"), "--data-dir", str(data)])
     sized = pipeline.check_phases(args)
     # Two ~1,100-token responses among the folder's: the response budget is capped, and they are cut with a warning;
     # the prompts (at most 17 tokens) all fit.

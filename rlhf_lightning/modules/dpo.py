@@ -26,8 +26,7 @@ import torch
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 
-from rlhf_lightning import tags
-from rlhf_lightning.data.collate import collate_pairs, pad_sequences
+from rlhf_lightning.data.collate import collate_pairs
 from rlhf_lightning.data.tokenizer import check_same_tokenizer
 from rlhf_lightning.metrics import order_agreement, pairwise_accuracy
 from rlhf_lightning.models.backbone import backbone_from_spec, backbone_spec, disable_dropout, freeze, load_sft_backbone
@@ -35,13 +34,10 @@ from rlhf_lightning.models.reward import RewardModel, load_reward_model
 from rlhf_lightning.models.sampling import SamplingConfig
 from rlhf_lightning.modules.base import PhaseModule
 from rlhf_lightning.modules.common import (
-    EvalSamples,
     adamw_with_warmup_cosine,
     check_optimizer_settings,
     finite_rank_mean,
     response_logprobs,
-    response_token_logprobs,
-    sample_eval,
     unflatten_masked,
 )
 from rlhf_lightning.modules.ppo_eval import EvalConfig, SFTBaseline, evaluate
@@ -80,23 +76,6 @@ def reference_logps(model: nn.Module, examples: list, pad_id: int, batch_size: i
         batch = {k: v.to(device) for k, v in collate_pairs(examples[lo : lo + batch_size], pad_id).items()}
         out.append(pair_logps(model, batch).cpu())
     return torch.cat(out) if out else torch.zeros(0, 2)
-
-
-@torch.no_grad()
-def sequence_kl(
-    policy: nn.Module, ref_policy: nn.Module, samples: EvalSamples, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-    pad_id: int, temperature: float,
-) -> float:  # fmt: skip
-    """The mean over ``samples`` (responses the policy sampled for ``prompt_ids`` / ``prompt_mask``, (B, P)
-    left-padded) of ``log pi(y|x) - log pi_ref(y|x)`` summed over the response: the k1 estimate of KL(pi || pi_ref) in
-    nats per response, PPO's ``objective/kl`` measured on held-out prompts."""
-    device = prompt_ids.device
-    resp_ids, resp_mask = (t.to(device) for t in pad_sequences(samples.token_ids, pad_id, left=False))
-    # Left-padded prompts, then right-padded responses: the layout response_token_logprobs reads (as PPO's rollout).
-    ids, mask = torch.cat([prompt_ids, resp_ids], 1), torch.cat([prompt_mask.bool(), resp_mask], 1)
-    logp = response_token_logprobs(policy, ids, mask, resp_ids, resp_mask, temperature, False)[0]
-    ref_logp = response_token_logprobs(ref_policy, ids, mask, resp_ids, resp_mask, temperature, False)[0]
-    return float((logp - ref_logp).sum(-1).mean())
 
 
 class DPOModule(PhaseModule):
@@ -240,20 +219,13 @@ class DPOModule(PhaseModule):
             self.log_dict(self.evaluate(), sync_dist=True)
 
     def evaluate(self) -> dict[str, float]:
-        """PPO's held-out evaluation against the SFT policy (:func:`~rlhf_lightning.modules.ppo_eval.evaluate`) and
-        ``eval/kl``; the table of the SFT and the current responses goes to TensorBoard."""
+        """PPO's held-out evaluation against the SFT policy (:func:`~rlhf_lightning.modules.ppo_eval.evaluate`, with
+        ``eval/kl``); the table of the SFT and the current responses goes to TensorBoard."""
         dm = self.trainer.datamodule
         metrics, table, self._sft_baseline = evaluate(
             self.policy, self.ref_policy, self.reward_model, self.tokenizer, dm, self.sampling, self.eval_config,
             self.hparams.ensemble_k, self._sft_baseline, self.device,
         )  # fmt: skip
-        prompts, batch = dm.eval_prompts()
-        ids, mask = batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device)
-        # The samples evaluate() scored (same model, prompts and seed), drawn again: it keeps them to itself.
-        samples = sample_eval(self.policy, self.tokenizer, prompts, ids, mask, self.sampling, self.eval_config.seed)
-        temperature = self.sampling.temperature or 1.0
-        metrics[tags.EVAL_KL] = sequence_kl(self.policy, self.ref_policy, samples, ids, mask, self.tokenizer.pad_id,
-                                            temperature)  # fmt: skip
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_text"):
             experiment.add_text("eval/sft_vs_policy", table, self.global_step)

@@ -17,7 +17,7 @@ from rlhf_lightning.data.collate import join_left_right, pad_sequences
 from rlhf_lightning.data.tokenizer import Tokenizer
 from rlhf_lightning.metrics import distinct_n, diversity_metrics, duplicate_rate, pearson, win_rate
 from rlhf_lightning.models.sampling import SamplingConfig
-from rlhf_lightning.modules.common import EvalSamples, comparison_table, sample_eval
+from rlhf_lightning.modules.common import EvalSamples, comparison_table, response_token_logprobs, sample_eval
 from rlhf_lightning.rl import Rollout, RolloutStats
 
 
@@ -62,13 +62,16 @@ def evaluate(
     """Samples the held-out prompts with the current and the SFT policy (same seed); gold reward and win rate
     against SFT under the gold judge (ties count half), proxy reward, per-input diversity.
 
+    ``eval/kl`` is the KL of the policy to the SFT policy on these held-out responses (:func:`sequence_kl`): one
+    definition for PPO and DPO, the x axis of ``rlhf frontier``.
+
     Returns:
         the eval/* (and diversity/per_input_*) metrics, a markdown table of both policies' responses side by side,
         and the SFT baseline (``sft`` itself when given; drawn on the first call).
     """
     prompts, batch = dm.eval_prompts()
-    args = (tokenizer, prompts, batch["prompt_ids"].to(device), batch["prompt_mask"].to(device), sampling,
-            config.seed, dm.judge)  # fmt: skip
+    ids, mask = batch["prompt_ids"].to(device), batch["prompt_mask"].to(device)
+    args = (tokenizer, prompts, ids, mask, sampling, config.seed, dm.judge)
 
     def proxy_of(samples: EvalSamples) -> torch.Tensor | None:
         return eval_proxy(reward_model, tokenizer, samples, batch, ensemble_k, device)
@@ -79,6 +82,7 @@ def evaluate(
     cur = sample_eval(policy, *args)
     proxy = proxy_of(cur)
     metrics = {
+        tags.EVAL_KL: sequence_kl(policy, ref_policy, cur, ids, mask, tokenizer.pad_id, sampling.temperature or 1.0),
         tags.EVAL_LENGTH_MEAN: float(cur.lengths.float().mean()),
         "eval/eos_rate": float(cur.ended.float().mean()),
         "eval/distinct_2": distinct_n(cur.token_ids, 2),
@@ -98,6 +102,23 @@ def evaluate(
         metrics.update(per_input_diversity(policy, *diversity, tags.PER_INPUT))
     table = comparison_table(sft.samples, cur, sft.proxy, proxy, config.table_rows)
     return metrics, table, sft
+
+
+@torch.no_grad()
+def sequence_kl(
+    policy: nn.Module, ref_policy: Any, samples: EvalSamples, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+    pad_id: int, temperature: float,
+) -> float:  # fmt: skip
+    """The mean over ``samples`` (responses the policy sampled for ``prompt_ids`` / ``prompt_mask``, (B, P)
+    left-padded) of ``log pi(y|x) - log pi_ref(y|x)`` summed over the response: the k1 estimate of KL(pi || pi_ref) in
+    nats per response, PPO's ``objective/kl`` measured on held-out prompts."""
+    device = prompt_ids.device
+    resp_ids, resp_mask = (t.to(device) for t in pad_sequences(samples.token_ids, pad_id, left=False))
+    # Left-padded prompts, then right-padded responses: the layout response_token_logprobs reads (as PPO's rollout).
+    ids, mask = torch.cat([prompt_ids, resp_ids], 1), torch.cat([prompt_mask.bool(), resp_mask], 1)
+    logp = response_token_logprobs(policy, ids, mask, resp_ids, resp_mask, temperature, False)[0]
+    ref_logp = response_token_logprobs(ref_policy, ids, mask, resp_ids, resp_mask, temperature, False)[0]
+    return float((logp - ref_logp).sum(-1).mean())
 
 
 def per_input_diversity(
