@@ -2,6 +2,11 @@
 
     python benchmarks/bench_ppo.py --layers 4 --heads 4 --width 128 --prompts 16 --response-tokens 24 \\
         --epochs 4 --minibatches 2 --critic separate --iterations 12
+    python benchmarks/bench_ppo.py ... --estimator rloo --samples-per-prompt 4   # a critic-free estimator
+
+``--estimator`` picks the advantage estimator (``advantage.estimator``): gae (PPO with its critic) or a critic-free one,
+which builds and steps no critic; ``--prompts`` counts responses, so with ``--samples-per-prompt 4`` 16 responses
+answer 4 prompts, the peer's RLOO shape. GRPO puts its KL in the loss (k3), RLOO and REINFORCE++ in the reward (k1).
 
 Set-up (not timed): the embedded world is written to a temporary folder; a randomly initialised TinyGPT of the
 given shape is saved as the SFT checkpoint and a reward model on it as the reward checkpoint (one training step each
@@ -26,6 +31,7 @@ from pathlib import Path
 import torch
 
 from rlhf_lightning.cli import main as cli
+from rlhf_lightning.rl import ADVANTAGE_ESTIMATORS, AdvantageConfig, KLConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
@@ -58,6 +64,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--minibatches", type=int, default=2)
     parser.add_argument("--critic", choices=("separate", "shared"), default="separate")
+    parser.add_argument("--estimator", choices=ADVANTAGE_ESTIMATORS, default="gae")
+    parser.add_argument("--samples-per-prompt", type=int, default=1, help="responses per prompt (grpo, rloo: >= 2)")
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -65,6 +73,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.prompts % args.minibatches:
         parser.error("--minibatches must divide --prompts")
+    if args.prompts % args.samples_per_prompt:
+        parser.error("--samples-per-prompt must divide --prompts")
     if args.iterations <= args.warmup:
         parser.error("--iterations must exceed --warmup")
     if args.threads:
@@ -87,6 +97,8 @@ def main() -> None:
             minibatch_size=args.prompts // args.minibatches, ppo_epochs=args.epochs,
             sampling=SamplingConfig(max_new_tokens=args.response_tokens, temperature=1.0),
             eval=EvalConfig(every=10**9),  # evaluation would run at the last iteration: excluded below
+            advantage=AdvantageConfig(args.estimator, samples_per_prompt=args.samples_per_prompt),
+            kl=KLConfig(placement="loss", estimator="k3") if args.estimator == "grpo" else KLConfig(),
         )  # fmt: skip
         rows: list[dict[str, float]] = []
         log = module._log
@@ -108,7 +120,9 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
     print(f"{where}, torch threads {torch.get_num_threads()}; shape {args.layers}L/{args.heads}H/{args.width}d, "
           f"{args.prompts} prompts x {args.response_tokens} tokens (mean {length:.1f} generated), {args.epochs} epochs"
-          f" x {args.minibatches} minibatches, critic {args.critic}; median of {len(timed)} iterations")  # fmt: skip
+          f" x {args.minibatches} minibatches, advantage {args.estimator} (k={args.samples_per_prompt}"
+          f"{f', critic {args.critic}' if args.estimator == 'gae' else ', no critic'}); median of {len(timed)}"
+          " iterations")  # fmt: skip
     it = med["perf/iteration_s"]
     print(f"iteration {it * 1e3:.0f} ms -> {args.prompts / it:.1f} samples/s")
     print(f"rollout generation {med['perf/tokens_per_s']:.0f} tokens/s")
