@@ -6,7 +6,9 @@
 
 Each phase is an ordinary ``rlhf fit -c configs/<phase>.yaml`` run, started with the run directory as the working
 directory, so the configs' relative paths (``runs/world``, ``runs/sft/checkpoints/last.ckpt``, ...) land inside it:
-``OUT/runs/{world,sft,rm,ppo}``, then ``OUT/diagnose/`` (report and plots) and ``OUT/summary.json``.
+``OUT/runs/{world,sft,rm,ppo}``, then ``OUT/diagnose/`` (report and plots) and ``OUT/summary.json``. The RL phase
+logs to ``OUT/runs/ppo`` whichever RL config it runs (``--ppo-config grpo``, ``rloo``, ``reinforce_pp``: their own
+folders are ``runs/<method>``), so the summary, the diagnosis and a seed study read every method alike.
 
 ``--hf-model DIR`` (and ``--hf-tokenizer DIR``, default the model's directory) runs every phase on a local Hugging
 Face causal LM and its tokenizer: the configs become ``configs/hf/<phase>.yaml`` and the SFT phase gets the two paths
