@@ -6,7 +6,9 @@
 
 Each phase is an ordinary ``rlhf fit -c configs/<phase>.yaml`` run, started with the run directory as the working
 directory, so the configs' relative paths (``runs/world``, ``runs/sft/checkpoints/last.ckpt``, ...) land inside it:
-``OUT/runs/{world,sft,rm,ppo}``, then ``OUT/diagnose/`` (report and plots) and ``OUT/summary.json``.
+``OUT/runs/{world,sft,rm,ppo}``, then ``OUT/diagnose/`` (report and plots) and ``OUT/summary.json``. The RL phase
+logs to ``OUT/runs/ppo`` whichever RL config it runs (``--ppo-config grpo``, ``rloo``, ``reinforce_pp``: their own
+folders are ``runs/<method>``), so the summary, the diagnosis and a seed study read every method alike.
 
 ``--hf-model DIR`` (and ``--hf-tokenizer DIR``, default the model's directory) runs every phase on a local Hugging
 Face causal LM and its tokenizer: the configs become ``configs/hf/<phase>.yaml`` and the SFT phase gets the two paths
@@ -56,6 +58,9 @@ from rlhf_lightning.packaged import packaged_config, resolve_config
 from rlhf_lightning.stats import seed_stats
 
 PHASES = ("sft", "rm", "ppo")
+#: Where the RL phase logs and checkpoints inside a run directory, whichever RL config it runs (``--ppo-config grpo``
+#: included, whose own folder is runs/grpo): the summary, the diagnosis and the seed studies read it there.
+RL_RUN = "runs/ppo"
 PRESET_KEYS = {"description", "symptom", "diagnose", "fix", "removes", "all", *PHASES}
 
 
@@ -176,7 +181,7 @@ def summarize(out: Path) -> dict[str, Any]:
     which is how much of its peak the run kept (None unless the best is positive: a ratio of rewards of either sign
     means nothing); and the reward model's last held-out accuracy beside its bag-of-words baseline's and the Bayes
     accuracy (None when the run reused a reward model)."""
-    logged = read_scalars(out / "runs" / "ppo")
+    logged = read_scalars(out / RL_RUN)
     rm_dir = out / "runs" / "rm"
     rm_logged = read_scalars(rm_dir) if rm_dir.is_dir() else {}
 
@@ -390,11 +395,14 @@ def phase_plan(
     tokenizer = [f"--data.init_args.tokenizer_path={tokenizer_file}"] if reuse_tokenizer else []
     hf = [f"--model.init_args.hf_model_path={args.hf_model.resolve()}"] if args.hf_model else []
     hf += [f"--data.init_args.tokenizer_path={args.hf_tokenizer.resolve()}"] if args.hf_tokenizer else []
+    # The logger's folder (and with it the checkpoints of a config that gives them no folder of their own).
+    rl_run = [f"--trainer.default_root_dir={RL_RUN}", f"--trainer.logger.init_args.save_dir={Path(RL_RUN).parent}",
+              f"--trainer.logger.init_args.name={Path(RL_RUN).name}"]  # fmt: skip
     plan = [
         ("sft", args.sft_checkpoint is None, hf),
         ("rm", args.rm_checkpoint is None, [f"--model.init_args.sft_checkpoint={sft_ckpt}", *tokenizer]),
         ("ppo", True, [f"--model.init_args.sft_checkpoint={sft_ckpt}",
-                       f"--model.init_args.reward_checkpoint={rm_ckpt}", *tokenizer]),
+                       f"--model.init_args.reward_checkpoint={rm_ckpt}", *tokenizer, *rl_run]),
     ]  # fmt: skip
     commands = []
     for phase, run, phase_args in plan:
@@ -540,7 +548,7 @@ def _run_phases(
     timings = run_plan(out, phase_plan(args, out, seed, sized))
     if not args.no_diagnose:
         with _phase_context(out):
-            rlhf_main(["diagnose", "runs/ppo", "--out", "diagnose"])
+            rlhf_main(["diagnose", RL_RUN, "--out", "diagnose"])
     summary = {**summarize(out), "seed": seed, "seconds": timings, "run_dir": str(out)}
     if not args.no_diagnose:
         summary["report"] = str(out / "diagnose" / "report.md")

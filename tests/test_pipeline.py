@@ -142,6 +142,20 @@ def test_pipeline_reuses_given_checkpoints(default_run, tmp_path):
     assert (config["seed_everything"], config["model"]["init_args"]["seed"]) == (3, 3)
 
 
+def test_pipeline_runs_a_critic_free_method_into_runs_ppo(default_run, tmp_path):
+    """`--ppo-config grpo`: the packaged config's own folder is runs/grpo, yet in the pipeline the RL phase lands in
+    runs/ppo like PPO's, where the summary and the diagnosis read it."""
+    out = tmp_path / "grpo"
+    summary = main_pipeline(["--out", str(out), "--ppo-config", "grpo", "--sft-checkpoint",
+                             str(default_run / "runs/sft/checkpoints/last.ckpt"), "--rm-checkpoint",
+                             str(default_run / "runs/rm/checkpoints/last.ckpt"), *tiny_args()])  # fmt: skip
+    assert (out / "runs/ppo/checkpoints/last.ckpt").is_file() and not (out / "runs/grpo").exists()
+    config = yaml.safe_load((out / "runs/ppo/config.yaml").read_text())["model"]["init_args"]
+    assert config["advantage"]["estimator"] == "grpo" and config["kl"]["placement"] == "loss"
+    assert summary["iterations"] == 2 and summary["win_rate_vs_sft"] is not None
+    assert (out / "diagnose" / "report.md").is_file()
+
+
 def recorded_seeds(run: Path) -> dict[str, Any]:
     """The seeds a run used: the world's (world.json) and, per phase, those of the config LightningCLI saved."""
     seeds: dict[str, Any] = {"world": json.loads((run / "runs/world/world.json").read_text())["seed"]}

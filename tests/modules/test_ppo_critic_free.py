@@ -63,18 +63,22 @@ def test_samples_per_prompt_must_divide_the_rollout(base):  # noqa: F811
         make_module(base, advantage=AdvantageConfig("rloo", samples_per_prompt=3))
 
 
-def test_cli_grpo_end_to_end(base, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("method", ["grpo", "rloo", "reinforce_pp"])
+def test_each_packaged_critic_free_config_runs_through_the_cli(base, tmp_path, monkeypatch, method):  # noqa: F811
     for name in ("runs/world", "runs/sft", "runs/rm"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).symlink_to(base / name)
     monkeypatch.chdir(tmp_path)
-    main(["--debug", "fit", "-c", str(CONFIGS / "ppo.yaml"), "--model.init_args.iterations=2",
-          "--model.init_args.rollout_batch=8", "--model.init_args.minibatch_size=4", "--model.init_args.ppo_epochs=1",
-          "--model.init_args.eval.every=2", "--model.init_args.sampling.max_new_tokens=8",
-          "--data.init_args.eval_prompts=8", "--model.init_args.advantage.estimator=grpo",
-          "--model.init_args.advantage.samples_per_prompt=4", "--model.init_args.kl.placement=loss",
-          "--model.init_args.kl.estimator=k3", "--trainer.callbacks.init_args.every_n_train_steps=2",
-          *QUIET])  # fmt: skip
-    logged = scalars(tmp_path / "runs/ppo")
+    # by its packaged name, as a user types it: `rlhf fit -c grpo`
+    main(["--debug", "fit", "-c", method, "--model.init_args.iterations=2", "--model.init_args.rollout_batch=8",
+          "--model.init_args.minibatch_size=4", "--model.init_args.ppo_epochs=1", "--model.init_args.eval.every=2",
+          "--model.init_args.sampling.max_new_tokens=8", "--data.init_args.eval_prompts=8",
+          "--model.init_args.eval.groups=4", *QUIET])  # fmt: skip
+    run = tmp_path / "runs" / method
+    logged = scalars(run)
     assert sorted(logged["objective/kl"]) == [0, 1] and "eval/gold_reward" in logged
     assert not [tag for tag in logged if tag.startswith("value/")]
+    # the checkpoints follow the logger into the method's own folder
+    state = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert state["hyper_parameters"]["advantage"]["estimator"] == method
+    assert not (tmp_path / "runs/ppo").exists()
