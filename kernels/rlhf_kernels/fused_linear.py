@@ -21,12 +21,11 @@ from torch.autograd.function import once_differentiable
 from rlhf_kernels.dispatch import resolve_backend
 from rlhf_kernels.ops import _kl_grad
 from rlhf_kernels.reference import compute_dtype
-from rlhf_kernels.types import KL_ESTIMATORS, PPOLossStats
+from rlhf_kernels.types import PPOLossStats
 from rlhf_kernels.validate import (
     FLOAT_DTYPES,
-    check_choice,
-    check_nonnegative,
     check_positive,
+    check_ppo_config,
     check_same,
     check_targets,
     check_tensor,
@@ -366,13 +365,7 @@ def ppo_loss_from_hidden(
     old_logp = check_vector("old_logp", old_logp, n, hidden, "hidden").detach()
     advantages = check_vector("advantages", advantages, n, hidden, "hidden").detach()
     valid = check_vector("mask", mask, n, hidden, "hidden") != 0
-    cfg = {
-        "clip_eps_low": check_nonnegative("clip_eps_low", clip_eps_low),
-        "clip_eps_high": check_nonnegative("clip_eps_high", clip_eps_high),
-        "entropy_coef": float(entropy_coef),
-        "kl_coef": float(kl_coef),
-        "kl_estimator": check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS),
-    }
+    cfg = check_ppo_config(clip_eps_low, clip_eps_high, entropy_coef, kl_coef, kl_estimator)
     temperature = check_positive("temperature", temperature)
     full = cfg["kl_coef"] != 0.0 and cfg["kl_estimator"] == "full"
     if full:

@@ -13,12 +13,12 @@ from torch.autograd.function import once_differentiable
 
 from rlhf_kernels import reference
 from rlhf_kernels.dispatch import resolve_backend
-from rlhf_kernels.types import KL_ESTIMATORS, SAMPLED_KL_ESTIMATORS, PPOLossStats
+from rlhf_kernels.types import SAMPLED_KL_ESTIMATORS, PPOLossStats
 from rlhf_kernels.validate import (
     check_choice,
     check_logits,
-    check_nonnegative,
     check_positive,
+    check_ppo_config,
     check_same,
     check_targets,
     check_tensor,
@@ -251,13 +251,7 @@ def ppo_loss_from_logits(
     old_logp = check_vector("old_logp", old_logp, n, logits, "logits")
     advantages = check_vector("advantages", advantages, n, logits, "logits")
     valid = check_vector("mask", mask, n, logits, "logits") != 0
-    cfg = {
-        "clip_eps_low": check_nonnegative("clip_eps_low", clip_eps_low),
-        "clip_eps_high": check_nonnegative("clip_eps_high", clip_eps_high),
-        "entropy_coef": float(entropy_coef),
-        "kl_coef": float(kl_coef),
-        "kl_estimator": check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS),
-    }
+    cfg = check_ppo_config(clip_eps_low, clip_eps_high, entropy_coef, kl_coef, kl_estimator)
     temperature = check_positive("temperature", temperature)
     full = cfg["kl_coef"] != 0.0 and cfg["kl_estimator"] == "full"
     if full:

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from rlhf_kernels.types import KL_ESTIMATORS
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: Set to 1 to check tensor values on every device, at the cost of a host sync per call (see the module docstring).
@@ -100,3 +102,17 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+def check_ppo_config(
+    clip_eps_low: float, clip_eps_high: float, entropy_coef: float, kl_coef: float, kl_estimator: str
+) -> dict:
+    """The PPO loss's settings, checked, as the keyword arguments of :func:`rlhf_kernels.ppo_terms.ppo_token_terms`
+    that configure it (what the logits and the from-hidden losses pass to the backends)."""
+    return {
+        "clip_eps_low": check_nonnegative("clip_eps_low", clip_eps_low),
+        "clip_eps_high": check_nonnegative("clip_eps_high", clip_eps_high),
+        "entropy_coef": float(entropy_coef),
+        "kl_coef": float(kl_coef),
+        "kl_estimator": check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS),
+    }
