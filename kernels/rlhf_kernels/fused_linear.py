@@ -80,11 +80,11 @@ def _to(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if grad is None else grad.to(dtype)
 
 
-def _scaled_(grad: torch.Tensor | None, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """A gradient computed for a unit upstream gradient, scaled in place by the actual one (skipped when it is 1, as
-    it is for a loss) and cast to its input's dtype."""
-    if grad is not None and not bool((scale == 1).all()):
-        grad.mul_(scale.to(grad.dtype))
+def _scaled_(backend, grad: torch.Tensor | None, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """A gradient computed for a unit upstream gradient, scaled in place by the actual one (the backend's ``scale_``:
+    no host sync, and no pass when it is 1, as it is for a loss) and cast to its input's dtype."""
+    if grad is not None:
+        backend.scale_(grad, scale)
     return _to(grad, dtype)
 
 
@@ -202,7 +202,7 @@ class _PPOLossFromHidden(torch.autograd.Function):
             full_grad_h = torch.zeros(hidden.shape, dtype=cdt, device=w.device).index_copy_(0, idx, grad_h)
         # Kept as attributes, not saved tensors, and handed over in backward: with no other reference left, autograd
         # adopts them as the parameters' .grad instead of copying (a (V, H) copy is a third of this op's memory).
-        ctx.grads, ctx.dtypes = [full_grad_h, grad_w], (hidden.dtype, weight.dtype)
+        ctx.grads, ctx.dtypes, ctx.backend = [full_grad_h, grad_w], (hidden.dtype, weight.dtype), backend
         loss, clipped, approx_kl, ratio, entropy = totals.unbind()
         return loss, clipped, approx_kl, entropy, ratio
 
@@ -213,7 +213,8 @@ class _PPOLossFromHidden(torch.autograd.Function):
             raise RuntimeError("ppo_loss_from_hidden's backward ran twice (retain_graph): its gradients were handed "
                                "over the first time; evaluate the loss again")  # fmt: skip
         (grad_h, grad_w), ctx.grads = ctx.grads, None
-        return _scaled_(grad_h, grad_loss, ctx.dtypes[0]), _scaled_(grad_w, grad_loss, ctx.dtypes[1]), *(None,) * 11
+        grad_h = _scaled_(ctx.backend, grad_h, grad_loss, ctx.dtypes[0])
+        return grad_h, _scaled_(ctx.backend, grad_w, grad_loss, ctx.dtypes[1]), *(None,) * 11
 
 
 def _check_head(
