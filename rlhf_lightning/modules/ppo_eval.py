@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +20,7 @@ from rlhf_lightning.metrics import distinct_n, diversity_metrics, duplicate_rate
 from rlhf_lightning.models.sampling import SamplingConfig
 from rlhf_lightning.modules.common import EvalSamples, comparison_table, response_token_logprobs, sample_eval
 from rlhf_lightning.rl import Rollout, RolloutStats
+from rlhf_lightning.world.annotators import AnnotatorConfig, Annotators
 
 
 @dataclass
@@ -30,6 +32,11 @@ class EvalConfig:
     groups, samples_per_prompt: per-input diversity is measured on this many held-out prompts with this many samples
         each (collapse shows first within one prompt's samples); 0 groups switches it off.
     seed: seed of the evaluation samples (the same for the SFT policy and the current one).
+    audit_labels: on the embedded world, this many of the held-out prompts get a fresh annotator label comparing
+        the policy's response with the SFT policy's (``eval/audit_win_rate``): the stand-in for a small batch of
+        fresh human labels that a real run can afford. The auditors are the world's default annotators (noisy,
+        mildly biased), not the run's own (possibly biased) labellers: an audit is a separate, careful rater pool.
+        0 switches it off.
     """
 
     every: int = 10
@@ -37,6 +44,11 @@ class EvalConfig:
     groups: int = 16
     samples_per_prompt: int = 4
     seed: int = 1234
+    audit_labels: int = 256
+
+    def __post_init__(self) -> None:
+        if self.audit_labels < 0:
+            raise ValueError(f"eval.audit_labels must be >= 0, got {self.audit_labels}")
 
 
 # In the checkpoints' hyperparameters (see modules/base.py); checkpoints written before this module existed name the
@@ -84,16 +96,21 @@ def evaluate(
     metrics = {
         tags.EVAL_KL: sequence_kl(policy, ref_policy, cur, ids, mask, tokenizer.pad_id, sampling.temperature or 1.0),
         tags.EVAL_LENGTH_MEAN: float(cur.lengths.float().mean()),
+        tags.EVAL_SFT_LENGTH_MEAN: float(sft.samples.lengths.float().mean()),
         "eval/eos_rate": float(cur.ended.float().mean()),
         "eval/distinct_2": distinct_n(cur.token_ids, 2),
     }
     if proxy is not None:
         metrics[tags.EVAL_PROXY_REWARD] = float(proxy.mean())
         metrics[tags.EVAL_SFT_PROXY_REWARD] = float(sft.proxy.mean())
+        metrics[tags.EVAL_PROXY_WIN_RATE] = win_rate(proxy, sft.proxy)
     if cur.gold is not None:
         metrics[tags.EVAL_GOLD_REWARD] = float(cur.gold.mean())
+        metrics[tags.EVAL_GOLD_REWARD_SE] = float(cur.gold.std() / len(cur.gold) ** 0.5) if len(cur.gold) > 1 else 0.0
         metrics[tags.EVAL_SFT_GOLD_REWARD] = float(sft.samples.gold.mean())
         metrics[tags.EVAL_WIN_RATE] = win_rate(cur.gold, sft.samples.gold)
+        if config.audit_labels:
+            metrics[tags.EVAL_AUDIT_WIN_RATE] = audit_win_rate(dm.judge, cur, sft.samples, config)
     if config.groups > 0:
         diversity = (tokenizer, prompts, batch, sampling, config, device)
         if sft.per_input is None:
@@ -102,6 +119,19 @@ def evaluate(
         metrics.update(per_input_diversity(policy, *diversity, tags.PER_INPUT))
     table = comparison_table(sft.samples, cur, sft.proxy, proxy, config.table_rows)
     return metrics, table, sft
+
+
+def audit_win_rate(judge: Any, cur: EvalSamples, sft: EvalSamples, config: EvalConfig) -> float:
+    """The share of the first ``config.audit_labels`` held-out prompts on which a fresh annotator label prefers the
+    policy's response to the SFT policy's: :class:`Annotators` with the default :class:`AnnotatorConfig` over the
+    world's ``judge``. The labels' RNG is seeded by ``config.seed`` alone, so every evaluation of a run draws the
+    same label noise (common random numbers: a change between evaluations is the policy's, not the noise's)."""
+    n = min(config.audit_labels, len(cur.prompts))
+    ended = (cur.ended[:n].tolist(), sft.ended[:n].tolist())
+    rng = np.random.default_rng(config.seed)
+    prefers, _ = Annotators(AnnotatorConfig(), judge).label(cur.prompts[:n], cur.responses[:n], sft.responses[:n],
+                                                             rng, ended)  # fmt: skip
+    return float(prefers.mean())
 
 
 @torch.no_grad()

@@ -312,7 +312,8 @@ def test_cli_end_to_end(base, tmp_path, monkeypatch, capsys):
                 "diversity/distinct_2", "perf/rollout_s", "perf/update_s", "perf/tokens_per_s", "eval/win_rate",
                 "eval/gold_reward", "diversity/self_bleu", "diversity/ead", "rollout/duplicate_rate",
                 "diversity/per_input_distinct_2", "diversity/per_input_self_bleu", "eval/sft_per_input_distinct_2",
-                "objective/kl_coef_at_bound"):  # fmt: skip
+                "objective/kl_coef_at_bound", "eval/audit_win_rate", "eval/proxy_win_rate", "eval/gold_reward_se",
+                "eval/sft_length_mean"):  # fmt: skip
         assert tag in logged, tag
         assert all(math.isfinite(v) for v in logged[tag].values()), tag
     assert sorted(logged["objective/kl"]) == [0, 1]
