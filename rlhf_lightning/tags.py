@@ -42,6 +42,7 @@ EVAL_WIN_RATE = "eval/win_rate"  # fraction of prompts where the policy's gold b
 EVAL_GOLD_REWARD_SE = "eval/gold_reward_se"  # standard error of eval/gold_reward (std / sqrt(prompts))
 EVAL_PROXY_WIN_RATE = "eval/proxy_win_rate"  # fraction of prompts where the policy's proxy beats SFT's (ties half)
 EVAL_AUDIT_WIN_RATE = "eval/audit_win_rate"  # fraction of audited prompts where a fresh label prefers the policy
+EVAL_AUDIT_LABELS = "eval/audit_labels"  # how many fresh labels eval/audit_win_rate is the mean of
 EVAL_SFT_LENGTH_MEAN = "eval/sft_length_mean"  # mean length of the SFT policy's held-out responses (tokens)
 EVAL_KL = "eval/kl"  # mean KL of the policy's held-out responses to the SFT policy, nats per response
 EVAL_LENGTH_MEAN = "eval/length_mean"  # mean length of the policy's held-out responses (tokens)

@@ -111,6 +111,7 @@ def evaluate(
         metrics[tags.EVAL_WIN_RATE] = win_rate(cur.gold, sft.samples.gold)
         if config.audit_labels:
             metrics[tags.EVAL_AUDIT_WIN_RATE] = audit_win_rate(dm.judge, cur, sft.samples, config)
+            metrics[tags.EVAL_AUDIT_LABELS] = float(min(config.audit_labels, len(prompts)))
     if config.groups > 0:
         diversity = (tokenizer, prompts, batch, sampling, config, device)
         if sft.per_input is None:
