@@ -163,6 +163,8 @@ SUBCOMMANDS = {
                         "rlhf_lightning.pipeline:pipeline_main"),
     "diagnose": Command("findings (evidence, causes, fixes) and plots of one or more runs",
                         "rlhf_lightning.diagnose.report:main"),
+    "evaluate-detectors": Command("precision, recall and lead time of the gold-free warnings, judged by gold",
+                                  "rlhf_lightning.diagnose.evaluation:main"),
     "export": Command("a checkpoint as a Hugging Face model directory", "rlhf_lightning.export:export_main"),
     "hf-tiny": Command("a tiny local Hugging Face GPT-2 + tokenizer for the embedded world",
                        "rlhf_lightning.hf_tiny:hf_tiny_main"),

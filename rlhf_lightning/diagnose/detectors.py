@@ -58,22 +58,40 @@ class Finding:
         return self.name.split(".", 1)[0]
 
 
+#: What a detector can need beyond the policy's own samples, and what that is in a real run. A detector that needs
+#: nothing of these reads only the policy's samples (lengths, diversity, entropy).
+NEEDS = {
+    "gold": "the gold judge (only the embedded world has one)",
+    "proxy": "the reward model's scores",
+    "reference": "the reference (SFT) policy: the KL to it and the penalty's coefficient",
+    "ensemble": "a reward-model ensemble",
+    "labels": "a few hundred fresh preference labels, policy against SFT samples (an audit)",
+}
+
+
 @dataclass(frozen=True)
 class _Spec:
     name: str
     title: str
     causes: tuple[str, ...]
     fixes: tuple[str, ...]
+    needs: tuple[str, ...] = ()  # keys of NEEDS
 
 
 Detector = Callable[..., Finding]
 #: Every detector by finding name, in report order.
 DETECTORS: dict[str, Detector] = {}
+#: What each detector needs (keys of :data:`NEEDS`), by finding name.
+DETECTOR_NEEDS: dict[str, tuple[str, ...]] = {}
 
 
 def _detector(spec: _Spec) -> Callable[[Detector], Detector]:
+    if unknown := set(spec.needs) - set(NEEDS):
+        raise ValueError(f"{spec.name} needs {sorted(unknown)}: not in NEEDS")
+
     def register(fn: Detector) -> Detector:
         DETECTORS[spec.name] = fn
+        DETECTOR_NEEDS[spec.name] = spec.needs
         return fn
 
     return register
@@ -209,6 +227,7 @@ GOLD_DIVERGENCE = _Spec(
     "proxy reward rises while the gold reward falls",
     (_RM_EXPLOITED, "the KL penalty is too weak to keep the policy where the reward model is accurate"),
     ("keep the checkpoint of the gold (or conservative-proxy) peak (RLHFDiagnostics save_best)", _MORE_KL, _ENSEMBLE),
+    ("gold", "proxy"),
 )
 
 
@@ -262,6 +281,7 @@ KL_OUTPACES_REWARD = _Spec(
     "KL keeps growing while the reward gained per unit of sqrt(KL) collapses",
     (_RM_EXPLOITED + "; past the reward model's reliable region, more KL buys no reward",),
     (_MORE_KL, _ENSEMBLE, "stop earlier: keep the checkpoint before the gain fell"),
+    ("proxy", "reference"),
 )
 
 
@@ -317,6 +337,7 @@ LENGTH_CORRELATION = _Spec(
     "the proxy reward increasingly follows response length",
     ("the reward model rewards length (length-biased preference data), and the policy learned to ramble",),
     ("length-normalise or length-penalise the reward", _BETTER_RM, _MORE_KL),
+    ("proxy",),
 )
 
 
@@ -345,6 +366,7 @@ ENSEMBLE_DISAGREEMENT = _Spec(
     "the reward-model ensemble disagrees more and more on the policy's samples",
     ("the policy moved where the reward models were not trained (out of distribution), so their scores diverge",),
     ("raise ensemble_k (penalise disagreement)", _MORE_KL, "keep the checkpoint before the disagreement grew"),
+    ("ensemble",),
 )
 
 
@@ -363,6 +385,97 @@ def ensemble_disagreement(h: History, smooth: int = 5, ratio: float = 2.0) -> Fi
         return f"at iteration {s.steps[i]}: ensemble std {_f(cs[i])} (mean of {smooth}), {_f(base)} at the start"
 
     return _result(ENSEMBLE_DISAGREEMENT, s.steps, signal, describe)
+
+
+PROXY_OUT_OF_RANGE = _Spec(
+    "reward_hacking.proxy_out_of_range",
+    "the reward model scores the policy's samples far outside the range it was calibrated on",
+    (
+        _RM_EXPLOITED + "; the reward model was fit and normalised on SFT-like responses, and its scores far above "
+        "them are extrapolation, not evidence",
+    ),
+    (_MORE_KL, _ENSEMBLE, "keep the checkpoint from before the proxy left its range"),
+    ("proxy",),
+)
+
+
+@_detector(PROXY_OUT_OF_RANGE)
+def proxy_out_of_range(h: History, max_shift: float = 1.5, smooth: int = 5) -> Finding:
+    """The rollout's mean proxy reward (trailing mean of ``smooth`` points) more than ``max_shift`` above its first
+    ``smooth`` points. The reward model is normalised to mean 0 and std 1 on the SFT policy's samples
+    (models/reward.py), so ``max_shift`` is in standard deviations of the SFT policy's scores: a mean that far out is
+    a policy the reward model never saw the like of in training."""
+    s = h.get(tags.PROXY_REWARD)
+    if s is None:
+        return not_evaluated(PROXY_OUT_OF_RANGE, _needs(tags.PROXY_REWARD))
+    ps = trailing_mean(s.values, smooth)
+    base, _ = _baseline(h, None, s, smooth)
+    signal = ps - base > max_shift
+
+    def describe(i: int) -> str:
+        return f"at iteration {s.steps[i]}: proxy {_f(ps[i])} (mean of {smooth}), {ps[i] - base:+.3g} from the start"
+
+    return _result(PROXY_OUT_OF_RANGE, s.steps, signal, describe)
+
+
+LENGTH_DRIFT = _Spec(
+    "reward_hacking.length_drift",
+    "the policy's responses grow much longer than the SFT policy's",
+    ("the reward model pays for length (a length-biased reward model, or a missing length penalty)",),
+    ("length-normalise or length-penalise the reward (length_debias)", _BETTER_RM, _MORE_KL),
+)
+
+
+@_detector(LENGTH_DRIFT)
+def length_drift(h: History, ratio: float = 1.4, smooth: int = 5) -> Finding:
+    """``rollout/length_mean`` (trailing mean of ``smooth`` points) above ``ratio`` times its first ``smooth``
+    points (iteration 0 samples the SFT policy): no reward model needed, only the policy's own samples."""
+    s = h.get(tags.LENGTH_MEAN)
+    if s is None:
+        return not_evaluated(LENGTH_DRIFT, _needs(tags.LENGTH_MEAN))
+    ls = trailing_mean(s.values, smooth)
+    base, _ = _baseline(h, None, s, smooth)
+    signal = ls > ratio * base
+
+    def describe(i: int) -> str:
+        return f"at iteration {s.steps[i]}: responses {_f(ls[i])} tokens (mean of {smooth}), {_f(base)} at the start"
+
+    return _result(LENGTH_DRIFT, s.steps, signal, describe)
+
+
+AUDIT_DECLINE = _Spec(
+    "reward_hacking.audit_decline",
+    "fresh labels prefer the policy less than they did, while the reward model still prefers it",
+    (_RM_EXPLOITED, "the reward model learned the annotators' biases (the audit's raters do not share them)"),
+    ("keep the checkpoint of the audit's peak", _MORE_KL, _BETTER_RM),
+    ("labels", "proxy"),
+)
+
+
+@_detector(AUDIT_DECLINE)
+def audit_decline(h: History, z: float = 2.0) -> Finding:
+    """At an evaluation, the audit's win rate against SFT (``eval/audit_win_rate``, the mean of
+    ``eval/audit_labels`` fresh labels) is more than ``z`` standard errors below its best so far, or below 50% by
+    ``z`` standard errors, while the proxy still prefers the policy (``eval/proxy_win_rate`` above 50%). Standard
+    errors are binomial; the difference from the best uses both points' errors."""
+    triple = _aligned(h, tags.EVAL_AUDIT_WIN_RATE, tags.EVAL_AUDIT_LABELS, tags.EVAL_PROXY_WIN_RATE)
+    if triple is None:
+        return not_evaluated(AUDIT_DECLINE, _needs(tags.EVAL_AUDIT_WIN_RATE, tags.EVAL_PROXY_WIN_RATE))
+    steps, (audit, n, proxy_wins) = triple
+    se = np.sqrt(np.clip(audit * (1.0 - audit), 1e-12, None) / np.maximum(n, 1.0))
+    best_at = np.array([int(np.argmax(audit[: i + 1])) for i in range(len(audit))])
+    best = audit[best_at]
+    below_best = best - audit > z * np.sqrt(se**2 + se[best_at] ** 2)
+    below_sft = audit < 0.5 - z * se
+    signal = (below_best | below_sft) & (proxy_wins > 0.5)
+
+    def describe(i: int) -> str:
+        return (
+            f"at iteration {steps[i]}: audit win rate {_f(audit[i])} +- {_f(se[i])} ({int(n[i])} labels), best "
+            f"{_f(best[i])} at iteration {steps[best_at[i]]}; the proxy prefers the policy on {_f(proxy_wins[i])}"
+        )
+
+    return _result(AUDIT_DECLINE, steps, signal, describe)
 
 
 # -- mode collapse -------------------------------------------------------------------------------------------------
@@ -497,6 +610,7 @@ NEGATIVE_KL = _Spec(
         "sample with temperature 1 and no top-k/top-p, or score at the sampling temperature",
         "a non-negative estimator (kl_estimator: k3 or full)",
     ),
+    ("reference",),
 )
 
 
@@ -523,6 +637,7 @@ KL_BLOWUP = _Spec(
         "too large policy steps (learning rate, epochs, clip range)",
     ),
     (_MORE_KL, "a lower learning rate, fewer ppo_epochs or target_approx_kl"),
+    ("reference",),
 )
 
 
@@ -565,6 +680,7 @@ BETA_AT_BOUND = _Spec(
         "high)",
     ),
     ("a reachable kl.target, or wider [kl.min_coef, kl.max_coef]", "a smaller learning rate when beta sits at the max"),
+    ("reference",),
 )
 
 
@@ -620,6 +736,7 @@ NO_KL_PENALTY = _Spec(
     "the KL penalty is off while the KL grows",
     ("kl.coef 0 (or annealed to 0): the only thing keeping the policy near the SFT policy is gone",),
     ("a positive kl.coef, or an adaptive controller", "kl.floor > 0 for an annealed controller"),
+    ("reference",),
 )
 
 
@@ -661,6 +778,7 @@ LENGTH_BIAS = _Spec(
     "proxy rises from the start, gold does not, and the proxy follows length",
     (_SHIFT + "; here a length bias", "length-biased annotators"),
     (_BETTER_RM, "length-normalise or length-penalise the reward", "check the reward model's gold agreement first"),
+    ("gold", "proxy"),
 )
 
 
@@ -696,6 +814,7 @@ PROXY_GOLD_DISAGREEMENT = _Spec(
     "on held-out prompts the proxy says the policy beats SFT, the gold judge says it does not",
     (_SHIFT, _RM_EXPLOITED),
     (_BETTER_RM, "measure the reward model's agreement with gold raters on policy samples", _ENSEMBLE),
+    ("gold", "proxy"),
 )
 
 
@@ -727,11 +846,31 @@ def proxy_gold_disagreement(h: History, patience: int = 2) -> Finding:
 # -- all of them ---------------------------------------------------------------------------------------------------
 
 
-def run_detectors(h: History, thresholds: Mapping[str, Mapping[str, float]] | None = None) -> list[Finding]:
+#: The tags that come from the gold judge: ``gold=False`` sets them aside. The audit's win rate is not among them: on
+#: the world its labels come from simulated annotators, in a real run from a few hundred fresh human labels.
+GOLD_TAGS = (
+    tags.GOLD_REWARD,
+    tags.EVAL_GOLD_REWARD,
+    tags.EVAL_SFT_GOLD_REWARD,
+    tags.EVAL_WIN_RATE,
+    tags.EVAL_GOLD_REWARD_SE,
+)
+
+
+def gold_free(name: str) -> bool:
+    """Whether the detector ``name`` works without the gold judge."""
+    return "gold" not in DETECTOR_NEEDS[name]
+
+
+def run_detectors(
+    h: History, thresholds: Mapping[str, Mapping[str, float]] | None = None, gold: bool = True
+) -> list[Finding]:
     """Every detector on ``h``, in :data:`DETECTORS` order.
 
     Args:
         thresholds: keyword overrides per finding name, e.g. ``{"kl_trouble.kl_blowup": {"bound": 50}}``.
+        gold: False sets the gold judge's metrics (:data:`GOLD_TAGS`) aside, as for a run without a judge: the
+            detectors that need gold report :data:`NO_GOLD`, and the others see exactly what they would see then.
     Raises:
         ValueError: ``thresholds`` names an unknown detector.
         TypeError: it gives a detector an argument it does not take.
@@ -740,4 +879,6 @@ def run_detectors(h: History, thresholds: Mapping[str, Mapping[str, float]] | No
     unknown = sorted(set(thresholds) - set(DETECTORS))
     if unknown:
         raise ValueError(f"unknown detector(s) in thresholds: {unknown}; known: {sorted(DETECTORS)}")
+    if not gold:
+        h = h.without(GOLD_TAGS)
     return [fn(h, **dict(thresholds.get(name, {}))) for name, fn in DETECTORS.items()]

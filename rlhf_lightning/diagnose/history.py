@@ -6,7 +6,7 @@ both build a :class:`History`, so the detectors see the same thing in both place
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -36,6 +36,11 @@ class History:
         """The series of ``tag``, or None when the run never logged it."""
         s = self.scalars.get(tag)
         return s if s is not None and len(s.steps) else None
+
+    def without(self, names: Iterable[str]) -> History:
+        """This history without the tags ``names`` (the same hyperparameters)."""
+        drop = set(names)
+        return History({tag: s for tag, s in self.scalars.items() if tag not in drop}, self.hparams)
 
     @property
     def last_step(self) -> int | None:

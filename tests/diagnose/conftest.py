@@ -47,6 +47,9 @@ def healthy_points(seed: int = 0, n: int = N_ITERATIONS) -> dict[str, dict[int, 
         "eval/sft_gold_reward": np.zeros(len(evals)),
         "diversity/per_input_distinct_2": 0.5 - 0.1 * rise(evals),
         "eval/sft_per_input_distinct_2": np.full(len(evals), 0.5),
+        "eval/audit_win_rate": 0.5 + 0.25 * rise(evals),
+        "eval/audit_labels": np.full(len(evals), 256.0),
+        "eval/proxy_win_rate": 0.5 + 0.35 * rise(evals),
     }
     points.update({tag: dict(zip(map(int, evals), map(float, v), strict=True)) for tag, v in per_eval.items()})
     return points

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rlhf_lightning.diagnose.detectors import DETECTORS, FAMILIES, run_detectors, sustained, trailing_mean, trend
+from rlhf_lightning.diagnose.detectors import (
+    DETECTORS,
+    FAMILIES,
+    GOLD_TAGS,
+    gold_free,
+    run_detectors,
+    sustained,
+    trailing_mean,
+    trend,
+)
 from rlhf_lightning.diagnose.history import History
 
 t = np.arange(60, dtype=np.float64)
@@ -44,6 +53,10 @@ def _gold_flat_proxy_follows_length(p, s):
     s.set_series(p, "rollout/score_length_corr", np.full(len(t), 0.7))
 
 
+def _audit_peaks_then_falls(p, s):
+    s.set_series(p, "eval/audit_win_rate", np.array([0.6, 0.7, 0.72, 0.62, 0.55, 0.5]))
+
+
 def _eval_gold_below_sft(p, s):
     s.set_series(p, "eval/gold_reward", np.full(len(p["eval/gold_reward"]), -0.1))
 
@@ -58,6 +71,11 @@ BREAKS = {
     "reward_hacking.ensemble_disagreement": lambda p, s: s.set_series(
         p, "objective/ensemble_std", np.linspace(0.1, 0.4, len(t))
     ),
+    "reward_hacking.proxy_out_of_range": lambda p, s: s.set_series(
+        p, "objective/proxy_reward", np.linspace(0.0, 3.0, len(t))
+    ),
+    "reward_hacking.length_drift": lambda p, s: s.set_series(p, "rollout/length_mean", np.linspace(12, 30, len(t))),
+    "reward_hacking.audit_decline": _audit_peaks_then_falls,
     "mode_collapse.per_input_diversity": lambda p, s: s.set_series(
         p, "diversity/per_input_distinct_2", np.linspace(0.5, 0.1, len(p["diversity/per_input_distinct_2"]))
     ),
@@ -160,6 +178,37 @@ def test_gold_detectors_say_there_is_no_gold_judge(synth):
     for name in GOLD_DETECTORS:
         assert not findings[name].evaluated and findings[name].evidence == "not evaluated: no gold judge for this data"
     assert all(f.evaluated for name, f in findings.items() if name not in GOLD_DETECTORS | {"kl_trouble.beta_at_bound"})
+
+
+def test_gold_free_is_what_the_detectors_need(synth):
+    assert {name for name in DETECTORS if not gold_free(name)} == GOLD_DETECTORS
+
+
+def test_without_gold_the_detectors_see_a_run_without_a_judge(synth):
+    """gold=False: the gold detectors are not evaluated, and the others conclude exactly as on the run's history
+    with the gold tags removed (so a warning measured on the world means the same on a run without a judge)."""
+    points = synth.healthy_points()
+    _gold_peaks_then_falls(points, synth)
+    _audit_peaks_then_falls(points, synth)
+    h = History.from_points(points, synth.hparams)
+    blind = run_detectors(h, gold=False)
+    stripped = run_detectors(History.from_points({k: v for k, v in points.items() if k not in GOLD_TAGS}, h.hparams))
+    assert blind == stripped
+    by_name = {f.name: f for f in blind}
+    assert all(not by_name[name].evaluated for name in GOLD_DETECTORS)
+    assert by_name["reward_hacking.audit_decline"].triggered
+    assert {f.name for f in run_detectors(h) if f.triggered} >= {"reward_hacking.gold_divergence"}
+
+
+def test_audit_decline_needs_the_proxy_to_still_prefer_the_policy(synth):
+    points = synth.healthy_points()
+    _audit_peaks_then_falls(points, synth)
+    synth.set_series(points, "eval/proxy_win_rate", np.full(6, 0.4))  # the proxy agrees the policy got worse
+    assert not DETECTORS["reward_hacking.audit_decline"](History.from_points(points)).triggered
+    # 20 labels: a fall from 0.72 to 0.5 is within noise
+    synth.set_series(points, "eval/proxy_win_rate", np.full(6, 0.8))
+    synth.set_series(points, "eval/audit_labels", np.full(6, 20.0))
+    assert not DETECTORS["reward_hacking.audit_decline"](History.from_points(points)).triggered
 
 
 def test_beta_at_bound_reads_the_modules_flag(synth):
