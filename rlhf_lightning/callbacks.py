@@ -14,8 +14,6 @@ runs, and can stop itself and keep its best checkpoint. Configure it from a phas
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,33 +22,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from rlhf_lightning import tags
 from rlhf_lightning.checkpoint import checkpoint_dir
-from rlhf_lightning.diagnose.detectors import DETECTORS, FAMILIES, Finding, run_detectors
+from rlhf_lightning.diagnose.detectors import DETECTORS, FAMILIES, GOLD_TAGS, Finding, run_detectors
 from rlhf_lightning.diagnose.history import History
-
-GOLD_TAG = tags.EVAL_GOLD_REWARD
-PROXY_TAG = tags.EVAL_PROXY_REWARD
-
-
-def best_checkpoint_score(
-    metrics: Mapping[str, float], gold_seen: bool, findings: Sequence[Finding], max_kl: float | None = None
-) -> tuple[float, str] | None:
-    """The score that ranks this iteration's policy for ``best.ckpt``, and what it is; None: not a candidate.
-
-    With a gold judge, the held-out gold reward (``eval/gold_reward``) at evaluations, and nothing else: once gold
-    has been seen, the proxy never ranks a checkpoint. Without one, a conservative proxy: the held-out proxy reward
-    minus the ensemble's disagreement on this rollout (``objective/ensemble_std``, 0 without an ensemble), and only
-    while no reward-hacking finding is active and the KL is at most ``max_kl`` (when set) — the proxy is trusted
-    only where it has not been exploited.
-    """
-    if GOLD_TAG in metrics:
-        return float(metrics[GOLD_TAG]), GOLD_TAG
-    if gold_seen or PROXY_TAG not in metrics:
-        return None
-    if max_kl is not None and not float(metrics.get(tags.KL, math.inf)) <= max_kl:
-        return None
-    if any(f.active and f.family == "reward_hacking" for f in findings):
-        return None
-    return float(metrics[PROXY_TAG]) - float(metrics.get(tags.ENSEMBLE_STD, 0.0)), "conservative proxy"
+from rlhf_lightning.diagnose.selection import GOLD_TAG, best_checkpoint_score
 
 
 class RLHFDiagnostics(pl.Callback):
@@ -71,6 +45,8 @@ class RLHFDiagnostics(pl.Callback):
         best_path: where; default ``best.ckpt`` beside the ModelCheckpoint's files (else in ``default_root_dir``).
         best_max_kl: without a gold judge, only iterations with a KL at most this rank for ``best.ckpt``.
         thresholds: overrides per detector, e.g. ``{"kl_trouble.kl_blowup": {"bound": 50.0}}``.
+        gold: False: act as without a gold judge even on the world (the lab's view of a real run): the detectors
+            and ``best.ckpt`` never see the gold judge's metrics.
     """
 
     def __init__(
@@ -81,6 +57,7 @@ class RLHFDiagnostics(pl.Callback):
         best_path: str | None = None,
         best_max_kl: float | None = None,
         thresholds: dict[str, dict[str, float]] | None = None,
+        gold: bool = True,
     ):
         super().__init__()
         self.stop_on = list(stop_on or [])
@@ -92,6 +69,7 @@ class RLHFDiagnostics(pl.Callback):
         self.best_path = best_path
         self.best_max_kl = best_max_kl
         self.thresholds = dict(thresholds or {})
+        self.gold = gold
         run_detectors(History(), self.thresholds)  # a misspelt detector or argument fails now, not mid-run
         self._points: dict[str, dict[int, float]] = {}
         self._fired: set[str] = set()
@@ -114,6 +92,8 @@ class RLHFDiagnostics(pl.Callback):
             return  # no new iteration in this batch
         self._seen_iteration = iteration
         step = int(iteration) - 1  # PPOModule logs an iteration's metrics at the iteration's index, before the +1
+        if not self.gold:
+            metrics = {tag: value for tag, value in metrics.items() if tag not in GOLD_TAGS}
         for tag, value in metrics.items():
             self._points.setdefault(tag, {})[step] = float(value)
         hparams = dict(getattr(pl_module, "hparams", None) or {})

@@ -136,3 +136,12 @@ def test_best_checkpoint_score():
     assert best_checkpoint_score(proxy, False, quiet, max_kl=3.0) is None
     assert best_checkpoint_score(proxy, False, [_finding("reward_hacking", True)]) is None
     assert best_checkpoint_score({"objective/kl": 1.0}, False, quiet) is None  # not an evaluation
+
+
+def test_without_gold_the_callback_never_sees_the_judge(tmp_path):
+    # The lab's view of a real run: gold is logged by the module but neither the detectors nor best.ckpt read it.
+    callback = RLHFDiagnostics(gold=False)
+    fit(tmp_path, callback)
+    assert "eval/gold_reward" not in callback.state_dict()["points"]
+    assert callback.state_dict()["best"] is None and not (tmp_path / "best.ckpt").exists()  # no held-out proxy either
+    assert any(f.name == "kl_trouble.kl_blowup" and f.triggered for f in callback.findings)

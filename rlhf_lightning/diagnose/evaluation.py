@@ -36,6 +36,7 @@ from rlhf_lightning import tags
 from rlhf_lightning.diagnose.detectors import DETECTORS, gold_free, run_detectors
 from rlhf_lightning.diagnose.events import NoEventsError, read_run
 from rlhf_lightning.diagnose.history import History
+from rlhf_lightning.diagnose.selection import replay
 from rlhf_lightning.errors import ArgumentParser
 from rlhf_lightning.io import atomic_open
 
@@ -195,6 +196,10 @@ SELECTIONS: dict[str, Callable[[History, int | None], int | None]] = {
 }
 
 
+#: RLHFDiagnostics' ``best.ckpt`` rule without gold, replayed (:func:`rlhf_lightning.diagnose.selection.replay`).
+ONLINE_RULE = "RLHFDiagnostics without gold: best conservative proxy while no reward-hacking warning holds"
+
+
 def gain_kept(h: History, truth: Truth, step: int | None) -> float:
     """(gold at ``step`` - SFT gold) / (best gold - SFT gold); NaN when the run never beat SFT or nothing was
     picked."""
@@ -261,6 +266,7 @@ def evaluate(
         rule: {r: gain_kept(histories[r], truths[r], pick(histories[r], combo_warn(r))) for r in names}
         for rule, pick in SELECTIONS.items()
     }
+    selections[ONLINE_RULE] = {r: gain_kept(histories[r], truths[r], replay(histories[r], thresholds)) for r in names}
     return {
         "z": z,
         "runs": {

@@ -42,6 +42,11 @@ class History:
         drop = set(names)
         return History({tag: s for tag, s in self.scalars.items() if tag not in drop}, self.hparams)
 
+    def until(self, step: int) -> History:
+        """This history up to and including ``step`` (what an online reader had seen then)."""
+        cut = {tag: Series(s.steps[s.steps <= step], s.values[s.steps <= step]) for tag, s in self.scalars.items()}
+        return History(cut, self.hparams)
+
     @property
     def last_step(self) -> int | None:
         """The largest step of any metric (the last iteration seen), None for an empty history."""

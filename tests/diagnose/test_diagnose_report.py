@@ -48,6 +48,17 @@ def test_two_runs_side_by_side(tmp_path, two_runs, capsys):
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files
 
 
+def test_no_gold_reports_gold_free_evidence_only(tmp_path, two_runs, capsys):
+    _, hacked = two_runs
+    out = tmp_path / "blind"
+    rlhf_main(["diagnose", str(hacked), "--no-gold", "--out", str(out)])
+    report = (out / "report.md").read_text()
+    assert "`--no-gold`: gold-free evidence only" in report
+    assert "could not evaluate: annotation_shift" in report  # every detector of that family compares with gold
+    assert "gold_divergence` (iteration" not in report  # the gold detector that fires with gold is set aside
+    assert "`reward_hacking.gold_divergence`" in report.split("### Not evaluated")[1]
+
+
 def test_one_run_defaults_to_its_diagnose_folder(two_runs, capsys):
     _, hacked = two_runs
     rlhf_main(["diagnose", str(hacked)])
