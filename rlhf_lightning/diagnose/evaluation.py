@@ -6,7 +6,8 @@ warning on a real run comes with a measured precision, recall and lead time.
 
 Ground truth (:func:`gold_truth`): the held-out gold reward ``eval/gold_reward`` of the run's evaluations **falls**
 when its last value is more than ``z`` standard errors below its best (the two evaluations' errors combined, from
-``eval/gold_reward_se``), or below the SFT policy's. Its peak is the evaluation of the best gold.
+``eval/gold_reward_se``), or below the SFT policy's. Its peak is the evaluation of the best gold, or iteration 0 when
+no evaluation beat the SFT policy.
 
 A detector (or a combination: any of its members) **warns** on a run when it fires at any iteration, run with
 ``gold=False`` (it sees what it would see without a judge). Over a set of runs: precision = falling runs among the
@@ -17,7 +18,9 @@ Calibrate on some runs and report on others: thresholds (:data:`GRID`) and the c
 calibration runs (``--calibrate``: names ending ``_s<seed>`` of those seeds) and reported on the rest.
 
 Gold-free checkpoint selection (:data:`SELECTIONS`): each rule picks one of the run's evaluations without reading
-gold; its score is the gold gain it keeps, (gold at the pick - SFT gold) / (best gold - SFT gold).
+gold; its score is the gold gain it keeps, pooled over the runs: the sum of (gold at the pick - SFT gold) over the
+sum of (the gold-selected policy's gold - SFT gold), where the gold-selected policy is the best evaluation, or the
+SFT policy itself when no evaluation beat it. Per run, the same share (undefined when SFT was the best).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,9 +48,10 @@ from rlhf_lightning.io import atomic_open
 GRID: dict[str, dict[str, tuple[float, ...]]] = {
     "reward_hacking.audit_decline": {"z": (1.5, 2.0, 2.5, 3.0)},
     "reward_hacking.proxy_out_of_range": {"max_shift": (1.0, 1.25, 1.5, 2.0)},
+    "kl_trouble.no_kl_penalty": {"t_min": (2.0, 4.0)},
     "reward_hacking.length_drift": {"ratio": (1.2, 1.3, 1.4, 1.6)},
     "reward_hacking.kl_outpaces_reward": {"gain_frac": (0.25, 0.5)},
-    "kl_trouble.kl_blowup": {"bound": (10.0, 15.0, 30.0)},
+    "kl_trouble.kl_blowup": {"bound": (6.0, 8.0, 10.0, 15.0, 30.0)},
     "mode_collapse.per_input_diversity": {"frac": (0.4, 0.6, 0.7)},
 }
 #: The most detectors a combination may have (every subset up to this size is tried).
@@ -90,9 +94,9 @@ def gold_truth(h: History, z: float = 2.0) -> Truth | None:
     peak = int(np.argmax(gold.values))
     drop = gold.values[peak] - gold.values[-1]
     falling = drop > z * math.hypot(errors[peak], errors[-1]) or gold.values[-1] < sft.values[0]
-    return Truth(
-        bool(falling), int(gold.steps[peak]), float(sft.values[0]), float(gold.values[peak]), float(gold.values[-1])
-    )
+    # A run whose gold never beat SFT's peaked at iteration 0: the SFT policy itself was its best.
+    peak_step = int(gold.steps[peak]) if gold.values[peak] > sft.values[0] else 0
+    return Truth(bool(falling), peak_step, float(sft.values[0]), float(gold.values[peak]), float(gold.values[-1]))
 
 
 def first_warnings(h: History, thresholds: Mapping[str, Mapping[str, float]]) -> dict[str, int | None]:
@@ -200,14 +204,19 @@ SELECTIONS: dict[str, Callable[[History, int | None], int | None]] = {
 ONLINE_RULE = "RLHFDiagnostics without gold: best conservative proxy while no reward-hacking warning holds"
 
 
-def gain_kept(h: History, truth: Truth, step: int | None) -> float:
-    """(gold at ``step`` - SFT gold) / (best gold - SFT gold); NaN when the run never beat SFT or nothing was
-    picked."""
+def gold_gain(h: History, truth: Truth, step: int | None) -> tuple[float, float]:
+    """(gold at ``step`` - SFT gold, the gold-selected policy's gold - SFT gold): the picked policy's gain and the
+    best one's (0 when no evaluation beat SFT: the SFT policy was the best). Nothing picked keeps the SFT policy."""
     gold = h.get(tags.EVAL_GOLD_REWARD)
-    if step is None or gold is None or truth.best_gold <= truth.sft_gold:
-        return math.nan
-    at = float(gold.values[int(np.searchsorted(gold.steps, step))])
-    return (at - truth.sft_gold) / (truth.best_gold - truth.sft_gold)
+    at = truth.sft_gold if step is None or gold is None else float(gold.values[int(np.searchsorted(gold.steps, step))])
+    return at - truth.sft_gold, max(truth.best_gold - truth.sft_gold, 0.0)
+
+
+def gain_kept(h: History, truth: Truth, step: int | None) -> float:
+    """The share of the best gain that the policy at ``step`` keeps (:func:`gold_gain`); NaN when SFT was the
+    best."""
+    gain, best = gold_gain(h, truth, step)
+    return gain / best if best > 0 else math.nan
 
 
 # -- the whole evaluation -------------------------------------------------------------------------------------------
@@ -262,11 +271,16 @@ def evaluate(
         key=lambda c: (*_rank(score(calib, truths, combine(c, warnings), defaults)), -len(c)),
     )
     combo_warn = combine(best_combo, warnings)
+    picks = {rule: {r: pick(histories[r], combo_warn(r)) for r in names} for rule, pick in SELECTIONS.items()}
+    picks[ONLINE_RULE] = {r: replay(histories[r], thresholds) for r in names}
     selections = {
-        rule: {r: gain_kept(histories[r], truths[r], pick(histories[r], combo_warn(r))) for r in names}
-        for rule, pick in SELECTIONS.items()
+        rule: {
+            r: dict(zip(("gain", "best_gain"), gold_gain(histories[r], truths[r], at[r]), strict=True))
+            | {"step": at[r]}
+            for r in names
+        }
+        for rule, at in picks.items()
     }
-    selections[ONLINE_RULE] = {r: gain_kept(histories[r], truths[r], replay(histories[r], thresholds)) for r in names}
     return {
         "z": z,
         "runs": {
@@ -288,6 +302,18 @@ def evaluate(
         },
         "selection": selections,
     }
+
+
+def pooled(gains: Iterable[Mapping[str, float]]) -> float:
+    """Sum of the picks' gains over the sum of the best gains (NaN when no run gained)."""
+    gains = list(gains)
+    best = sum(g["best_gain"] for g in gains)
+    return sum(g["gain"] for g in gains) / best if best > 0 else math.nan
+
+
+def _shares(kept: Mapping[str, Mapping[str, float]]) -> str:
+    shares = [g["gain"] / g["best_gain"] for g in kept.values() if g["best_gain"] > 0]
+    return f"{_pct(float(np.median(shares)))} ({_pct(min(shares))})" if shares else "—"
 
 
 def _pct(x: float) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rlhf_lightning.cli import main as rlhf_main
-from rlhf_lightning.diagnose.evaluation import Truth, combine, evaluate, gain_kept, gold_truth, score
+from rlhf_lightning.diagnose.evaluation import Truth, combine, evaluate, gain_kept, gold_truth, pooled, score
 from rlhf_lightning.diagnose.history import History
 from rlhf_lightning.diagnose.selection import replay
 
@@ -51,6 +51,10 @@ def test_gold_truth_falls_only_beyond_the_noise(synth):
     points["eval/gold_reward_se"] = {k: 1.0 for k in points["eval/gold_reward_se"]}
     assert not gold_truth(History.from_points(points)).falling
     assert gold_truth(History()) is None
+    # gold never above SFT: the SFT policy (iteration 0) was the best
+    points["eval/sft_gold_reward"] = {k: 5.0 for k in points["eval/sft_gold_reward"]}
+    never = gold_truth(History.from_points(points))
+    assert never.falling and never.peak_step == 0
 
 
 def test_score_counts_precision_recall_lead_and_false_alarms():
@@ -75,7 +79,7 @@ def test_gain_kept_is_the_share_of_the_gold_gain(synth):
     assert gain_kept(h, truth, 29) == pytest.approx(1.0)
     last = (h.get("eval/gold_reward").values[-1] - 1.0) / (truth.best_gold - 1.0)
     assert gain_kept(h, truth, 59) == pytest.approx(last) and last < 0.7
-    assert math.isnan(gain_kept(h, truth, None))
+    assert gain_kept(h, truth, None) == 0.0  # nothing picked: the SFT policy, none of the gain
 
 
 def test_online_rule_replayed_stops_trusting_the_proxy_once_it_is_hacked(synth):
@@ -102,8 +106,10 @@ def test_evaluate_calibrates_on_one_seed_and_reports_on_the_others(synth):
     drift = result["detectors"]["reward_hacking.length_drift"]["held_out"]
     assert drift["recall"] == 1.0
     assert "reward_hacking.gold_divergence" not in result["detectors"]  # needs gold: never scored
-    kept = result["selection"]["best audit win rate"]
-    assert kept["hacked_s1"] == pytest.approx(1.0)
+    kept = result["selection"]["best audit win rate"]["hacked_s1"]
+    assert kept["gain"] == pytest.approx(kept["best_gain"]) and kept["step"] == 29
+    last = result["selection"]["last evaluation"]
+    assert pooled(last.values()) < pooled(result["selection"]["best audit win rate"].values()) == pytest.approx(1.0)
 
 
 def test_cli_writes_the_tables(tmp_path, synth, capsys):
