@@ -381,17 +381,15 @@ def render(result: dict) -> str:
         "",
         "## Gold-free checkpoint selection: the share of the gold gain kept",
         "",
-        "| rule | mean over the runs that beat SFT | held-out runs | min |",
+        "Pooled: the picks' summed gold gain over SFT against the gold-selected checkpoints' (the best evaluation, or "
+        "SFT itself when none beat it); per run: the same share, over the runs that beat SFT.",
+        "",
+        "| rule | pooled, all runs | pooled, held-out runs | per run: median (min) |",
         "|---|---|---|---|",
     ]
     for rule, kept in result["selection"].items():
-        every = [v for v in kept.values() if not math.isnan(v)]
-        held = [v for r, v in kept.items() if not runs[r]["calibration"] and not math.isnan(v)]
-        mean = float(np.mean(every)) if every else math.nan
-        lines.append(
-            f"| {rule} | {_pct(mean)} ({len(every)} runs) | "
-            f"{_pct(float(np.mean(held)) if held else math.nan)} | {_pct(min(every) if every else math.nan)} |"
-        )
+        held = [g for r, g in kept.items() if not runs[r]["calibration"]]
+        lines.append(f"| {rule} | {_pct(pooled(kept.values()))} | {_pct(pooled(held))} | {_shares(kept)} |")
     return "\n".join(lines) + "\n"
 
 
