@@ -136,6 +136,9 @@ def test_best_checkpoint_score():
     assert best_checkpoint_score(proxy, False, quiet, max_kl=3.0) is None
     assert best_checkpoint_score(proxy, False, [_finding("reward_hacking", True)]) is None
     assert best_checkpoint_score({"objective/kl": 1.0}, False, quiet) is None  # not an evaluation
+    # fresh labels rank before the proxy, whatever the warnings: the audit measures quality itself
+    audited = {**proxy, "eval/audit_win_rate": 0.62}
+    assert best_checkpoint_score(audited, False, [_finding("reward_hacking", True)]) == (0.62, "eval/audit_win_rate")
 
 
 def test_without_gold_the_callback_never_sees_the_judge(tmp_path):

@@ -201,7 +201,10 @@ SELECTIONS: dict[str, Callable[[History, int | None], int | None]] = {
 
 
 #: RLHFDiagnostics' ``best.ckpt`` rule without gold, replayed (:func:`rlhf_lightning.diagnose.selection.replay`).
-ONLINE_RULE = "RLHFDiagnostics without gold: best conservative proxy while no reward-hacking warning holds"
+ONLINE_RULE = "RLHFDiagnostics without gold (best.ckpt replayed): the best audit win rate"
+#: The same without the audit's labels: the conservative proxy while no reward-hacking warning holds.
+ONLINE_RULE_NO_LABELS = "RLHFDiagnostics without gold or labels (replayed): conservative proxy, no hacking warning"
+AUDIT_TAGS = (tags.EVAL_AUDIT_WIN_RATE, tags.EVAL_AUDIT_LABELS)
 
 
 def gold_gain(h: History, truth: Truth, step: int | None) -> tuple[float, float]:
@@ -273,6 +276,7 @@ def evaluate(
     combo_warn = combine(best_combo, warnings)
     picks = {rule: {r: pick(histories[r], combo_warn(r)) for r in names} for rule, pick in SELECTIONS.items()}
     picks[ONLINE_RULE] = {r: replay(histories[r], thresholds) for r in names}
+    picks[ONLINE_RULE_NO_LABELS] = {r: replay(histories[r].without(AUDIT_TAGS), thresholds) for r in names}
     selections = {
         rule: {
             r: dict(zip(("gain", "best_gain"), gold_gain(histories[r], truths[r], at[r]), strict=True))

@@ -82,10 +82,13 @@ def test_gain_kept_is_the_share_of_the_gold_gain(synth):
     assert gain_kept(h, truth, None) == 0.0  # nothing picked: the SFT policy, none of the gain
 
 
-def test_online_rule_replayed_stops_trusting_the_proxy_once_it_is_hacked(synth):
+def test_online_rule_replayed(synth):
     h = History.from_points(run_points(synth, 0, falls=True))
-    # length_drift (reward hacking) fires as the lengths grow: later evaluations are no candidates
-    picked = replay(h, {"reward_hacking.length_drift": {"ratio": 1.4}})
+    assert replay(h) == 29  # the audit's peak
+    # without labels: length_drift (reward hacking) fires as the lengths grow, and later evaluations are no
+    # candidates for the proxy
+    blind = h.without(("eval/audit_win_rate", "eval/audit_labels"))
+    picked = replay(blind, {"reward_hacking.length_drift": {"ratio": 1.4}})
     assert picked is not None and picked < 59
     assert replay(History()) is None
 
