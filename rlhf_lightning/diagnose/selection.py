@@ -1,8 +1,9 @@
 """Which of a run's policies to keep (``best.ckpt``): the rule the online callback applies, and its replay offline.
 
-With a gold judge, the best held-out gold; without one, the best audit win rate where the run has fresh labels, else
-a conservative proxy trusted only while no reward-hacking warning holds. :func:`replay` applies the same rule to a finished run's history, so `rlhf evaluate-detectors` can
-measure on the world how much of the gold gain the gold-free rule keeps.
+With a gold judge, the best held-out gold; without one, the best audit win rate where the run has fresh labels,
+else a conservative proxy trusted only while no reward-hacking warning holds. :func:`replay` applies the same rule
+to a finished run's history, so `rlhf evaluate-detectors` can measure on the world how much of the gold gain the
+gold-free rule keeps.
 """
 
 from __future__ import annotations
