@@ -333,11 +333,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.hf_tokenizer = args.hf_tokenizer or args.hf_model
     if args.hf_tokenizer is not None and not (args.hf_tokenizer / "tokenizer.json").is_file():
         parser.error(f"--hf-tokenizer {args.hf_tokenizer} is not a tokenizer directory (no tokenizer.json)")
-    args.preset = [resolve_config(preset, "--preset") for preset in args.preset]
-    for path in args.preset:
+    given, args.preset = args.preset, [resolve_config(preset, "--preset") for preset in args.preset]
+    for name, path in zip(given, args.preset, strict=True):
         if not any(preset_part(load_preset(path), phase) for phase in PHASES):
-            parser.error(f"--preset {path}: changes none of the pipeline's phases ({', '.join(PHASES)}); a DPO "
-                         f"preset runs with `rlhf fit -c dpo --preset {path}`")  # fmt: skip
+            parser.error(f"--preset {name}: changes none of the pipeline's phases ({', '.join(PHASES)}); a DPO "
+                         f"preset runs with `rlhf fit -c dpo --preset {name}`")  # fmt: skip
     for phase in PHASES:
         # The default is always the packaged config, whatever files the working directory holds.
         chosen = getattr(args, f"{phase}_config")

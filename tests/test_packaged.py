@@ -114,8 +114,9 @@ def test_fit_preset_mistakes_are_user_errors(tmp_path, monkeypatch, words, messa
 
 def test_pipeline_refuses_a_preset_for_dpo_only(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"changes none of the pipeline's phases \(sft, rm, ppo\); a DPO preset runs "
-                       r"with `rlhf fit -c dpo --preset"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"^pipeline: --preset failures/dpo_small_beta: changes none of the pipeline's "
+                       r"phases \(sft, rm, ppo\); a DPO preset runs with `rlhf fit -c dpo --preset "
+                       r"failures/dpo_small_beta`$"):  # fmt: skip
         pipeline.parse_args(["--preset", "failures/dpo_small_beta"])
 
 
