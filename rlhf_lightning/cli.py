@@ -1,6 +1,7 @@
 """The ``rlhf`` command.
 
     rlhf fit -c sft                     # any phase: LightningCLI (omegaconf parser mode), TensorBoard logging
+    rlhf fit -c dpo --preset failures/dpo_small_beta   # a preset's part for the config's phase (all + dpo here)
     rlhf world --out runs/world         # write the embedded review world's JSONL files
     rlhf pipeline --out runs/pipeline   # world -> SFT -> reward model -> PPO -> diagnosis (the main job)
     rlhf diagnose runs/ppo [--out DIR]  # findings (evidence, causes, fixes) and plots of one or more runs
@@ -20,6 +21,7 @@ import importlib
 import json
 import logging
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -207,6 +209,71 @@ def with_packaged_configs(words: list[str]) -> list[str]:
     return out
 
 
+#: A phase module's ``PHASE`` -> the part of a preset it reads (the pipeline's phase names).
+PRESET_PART_OF = {"reward": "rm"}
+
+
+def config_phase(words: list[str]) -> str:
+    """The phase (``PHASE`` of the module class) of the command line ``words``: the model ``class_path`` of the last
+    ``-c`` file that names one, or of a ``--model`` / ``--model.class_path`` argument after it."""
+    from rlhf_lightning.modules.base import PhaseModule  # on use: only --preset pays for the import
+
+    class_path = None
+    for i, word in enumerate(words):
+        if word in ("-c", "--config") and i + 1 < len(words):
+            config = yaml.safe_load(Path(words[i + 1]).read_text(encoding="utf-8")) or {}
+            model = config.get("model") if isinstance(config, dict) else None
+            if isinstance(model, dict) and model.get("class_path"):
+                class_path = model["class_path"]
+        elif word.startswith(("--model=", "--model.class_path=")):
+            class_path = word.split("=", 1)[1]
+    if class_path is None:
+        raise ValueError("--preset: no config names the model's class_path (give the phase's config first: -c dpo)")
+    module_path, _, name = class_path.rpartition(".")
+    model_class = getattr(importlib.import_module(module_path), name, None) if module_path else None
+    if not (isinstance(model_class, type) and issubclass(model_class, PhaseModule)):
+        raise ValueError(f"--preset: the model {class_path} is not one of the phase modules")
+    return model_class.PHASE
+
+
+def with_presets(words: list[str], folder: Path) -> list[str]:
+    """``words`` with the ``--preset NAME`` arguments (a file or a packaged name, e.g. ``failures/dpo_small_beta``;
+    repeatable, later wins, as in ``rlhf pipeline``) taken out and replaced by one ``-c FILE`` right after the last
+    config file: the presets' ``all`` part merged with the part of the phase the configured module belongs to
+    (``dpo``, ``ppo``, ``sft``, ``rm``), written into ``folder``. Overrides on the command line still win over it."""
+    from rlhf_lightning.pipeline import combine_presets, load_preset, preset_part  # on use: fit imports no pipeline
+
+    rest, names = [], []
+    i = 0
+    while i < len(words):
+        if words[i] == "--preset":
+            if i + 1 >= len(words):
+                raise ValueError("--preset: expected a preset file or a packaged name (failures/dpo_small_beta)")
+            names.append(words[i + 1])
+            i += 2
+            continue
+        if words[i].startswith("--preset="):
+            names.append(words[i].removeprefix("--preset="))
+        else:
+            rest.append(words[i])
+        i += 1
+    if not names:
+        return rest
+    phase = config_phase(rest)
+    key = PRESET_PART_OF.get(phase, phase)
+    presets = [load_preset(resolve_config(name, "--preset")) for name in names]
+    part = preset_part(combine_presets(presets), key)
+    if not part:
+        raise ValueError(f"--preset {' '.join(names)}: nothing for the {key} phase (a preset sets its parts all, "
+                         "sft, rm, ppo, dpo)")  # fmt: skip
+    path = folder / f"preset_{key}.yaml"
+    path.write_text(yaml.safe_dump(part, sort_keys=False), encoding="utf-8")
+    last = max((j for j, word in enumerate(rest) if word in ("-c", "--config") or word.startswith("--config=")),
+               default=-1)  # fmt: skip
+    at = last + (2 if last >= 0 and rest[last] in ("-c", "--config") else 1)
+    return [*rest[:at], "-c", str(path), *rest[at:]]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``rlhf``; ``argv`` (without the program name) defaults to the command line.
 
@@ -237,16 +304,17 @@ def run_command(words: list[str]) -> None:
         module, _, name = target.partition(":")
         getattr(importlib.import_module(module), name)(words[1:])  # imported on use: each pulls in its own stack
         return
-    with warnings.catch_warnings():
-        # The arguments are given explicitly (their config names resolved, --debug removed), whatever sys.argv
-        # holds; LightningCLI would warn that both were given.
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="rlhf_preset_") as folder:
+        # The arguments are given explicitly (their config names resolved, presets as configs, --debug removed),
+        # whatever sys.argv holds; LightningCLI would warn that both were given. The preset's partial config is read
+        # while the arguments are parsed; the run's saved config.yaml records the merged result.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         RLHFCLI(
             subclass_mode_model=True,
             subclass_mode_data=True,
             parser_kwargs=PARSER_KWARGS,
             save_config_kwargs={"overwrite": True},
-            args=with_packaged_configs(words),
+            args=with_presets(with_packaged_configs(words), Path(folder)),
         )
 
 

@@ -61,7 +61,10 @@ PHASES = ("sft", "rm", "ppo")
 #: Where the RL phase logs and checkpoints inside a run directory, whichever RL config it runs (``--ppo-config grpo``
 #: included, whose own folder is runs/grpo): the summary, the diagnosis and the seed studies read it there.
 RL_RUN = "runs/ppo"
-PRESET_KEYS = {"description", "symptom", "diagnose", "fix", "removes", "all", *PHASES}
+#: The parts of a preset: ``all`` (merged into every phase) and one per phase. ``dpo`` is for ``rlhf fit -c dpo
+#: --preset NAME`` (the pipeline has no DPO phase; a preset that changes only DPO is refused there).
+PRESET_PHASES = (*PHASES, "dpo")
+PRESET_KEYS = {"description", "symptom", "diagnose", "fix", "removes", "all", *PRESET_PHASES}
 
 
 @contextmanager
@@ -99,7 +102,7 @@ def load_preset(path: Path) -> dict[str, Any]:
     unknown = set(preset) - PRESET_KEYS
     if unknown:
         raise ValueError(f"preset {path}: unknown keys {sorted(unknown)}; allowed: {sorted(PRESET_KEYS)}")
-    for key in ("all", *PHASES):
+    for key in ("all", *PRESET_PHASES):
         if not isinstance(preset.get(key, {}), dict):
             raise ValueError(f"preset {path}: '{key}' must be a mapping of config entries")
     return preset
@@ -109,9 +112,15 @@ def combine_presets(presets: list[dict[str, Any]]) -> dict[str, Any]:
     """Several presets as one (a failure and its fix): the phase parts merged in order, later entries winning."""
     combined: dict[str, Any] = {}
     for preset in presets:
-        for key in ("all", *PHASES):
+        for key in ("all", *PRESET_PHASES):
             combined[key] = _merge(combined.get(key, {}), preset.get(key, {}))
     return combined
+
+
+def preset_part(preset: dict[str, Any], phase: str) -> dict[str, Any]:
+    """The partial config a preset gives ``phase`` (one of :data:`PRESET_PHASES`): its ``all`` part merged with the
+    phase's own (the phase's wins)."""
+    return _merge(preset.get("all", {}), preset.get(phase, {}))
 
 
 def phase_configs(preset: dict[str, Any] | None, out: Path) -> dict[str, list[str]]:
@@ -122,7 +131,7 @@ def phase_configs(preset: dict[str, Any] | None, out: Path) -> dict[str, list[st
     folder.mkdir(parents=True, exist_ok=True)
     args = {}
     for phase in PHASES:
-        part = _merge(preset.get("all", {}), preset.get(phase, {}))
+        part = preset_part(preset, phase)
         if not part:
             args[phase] = []
             continue
@@ -324,7 +333,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.hf_tokenizer = args.hf_tokenizer or args.hf_model
     if args.hf_tokenizer is not None and not (args.hf_tokenizer / "tokenizer.json").is_file():
         parser.error(f"--hf-tokenizer {args.hf_tokenizer} is not a tokenizer directory (no tokenizer.json)")
-    args.preset = [resolve_config(preset, "--preset") for preset in args.preset]
+    given, args.preset = args.preset, [resolve_config(preset, "--preset") for preset in args.preset]
+    for name, path in zip(given, args.preset, strict=True):
+        if not any(preset_part(load_preset(path), phase) for phase in PHASES):
+            parser.error(f"--preset {name}: changes none of the pipeline's phases ({', '.join(PHASES)}); a DPO "
+                         f"preset runs with `rlhf fit -c dpo --preset {name}`")  # fmt: skip
     for phase in PHASES:
         # The default is always the packaged config, whatever files the working directory holds.
         chosen = getattr(args, f"{phase}_config")

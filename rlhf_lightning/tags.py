@@ -50,6 +50,10 @@ EVAL_SFT_PER_INPUT = "eval/sft_per_input"  # prefix of the SFT policy's per-inpu
 EVAL_SFT_PER_INPUT_DISTINCT_2 = "eval/sft_per_input_distinct_2"  # PER_INPUT_DISTINCT_2 of the SFT policy
 EVAL_SFT_PER_INPUT_SELF_BLEU = "eval/sft_per_input_self_bleu"  # PER_INPUT_SELF_BLEU of the SFT policy
 
+# -- dpo/*: the DPO phase (modules/dpo.py), read by the detectors to know a DPO run ----------------------------------
+DPO_LOSS = "dpo/loss"  # DPO's loss on the training batches
+DPO_VAL_MARGINS = "rewards/val_margins"  # mean implicit-reward margin (chosen - rejected) on the held-out pairs
+
 # -- rm/*: the reward phase on held-out pairs (modules/reward.py), read by the pipeline's summary -------------------
 RM_ACCURACY = "rm/accuracy"  # pairwise accuracy of the reward model against the annotators' labels
 RM_BASELINE_ACCURACY = "rm/baseline_accuracy"  # the same accuracy of the bag-of-words baseline (metrics/baseline.py)

@@ -86,6 +86,40 @@ def test_pipeline_resolves_presets_configs_and_its_defaults_by_name(tmp_path, mo
         pipeline.parse_args(["--ppo-config", "nope.yaml"])
 
 
+def test_fit_applies_a_preset_part_for_the_configs_phase_before_the_overrides(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:  # the dpo part of a DPO preset; a command-line override still wins
+        main(["fit", "-c", "dpo", "--preset", "failures/dpo_small_beta", "--model.init_args.lr=2e-4", "--print_config"])
+    assert exc.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["beta"] == 0.01 and printed["model"]["init_args"]["lr"] == 2e-4
+    assert printed["trainer"]["val_check_interval"] == 50
+    with pytest.raises(SystemExit):  # a pipeline preset's ppo part on an RL config: the same mechanism
+        main(["fit", "-c", "reinforce_pp", "--preset=failures/no_kl", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["kl"]["coef"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [(["-c", "sft", "--preset", "failures/dpo_small_beta"], r"^--preset failures/dpo_small_beta: nothing for the sft "
+      r"phase"),
+     (["--preset", "failures/no_kl"], r"^--preset: no config names the model's class_path"),
+     (["-c", "dpo", "--preset"], r"^--preset: expected a preset file")],
+)  # fmt: skip
+def test_fit_preset_mistakes_are_user_errors(tmp_path, monkeypatch, words, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        main(["--debug", "fit", "--print_config", *words])  # a bare --preset last
+
+
+def test_pipeline_refuses_a_preset_for_dpo_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^pipeline: --preset failures/dpo_small_beta: changes none of the pipeline's "
+                       r"phases \(sft, rm, ppo\); a DPO preset runs with `rlhf fit -c dpo --preset "
+                       r"failures/dpo_small_beta`$"):  # fmt: skip
+        pipeline.parse_args(["--preset", "failures/dpo_small_beta"])
+
+
 def test_pipeline_takes_a_relative_config_from_where_it_was_started(tmp_path, monkeypatch):
     """The phases run inside the run directory: a config given relative to the working directory is made absolute."""
     monkeypatch.chdir(tmp_path)

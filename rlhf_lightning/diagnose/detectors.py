@@ -206,6 +206,25 @@ def _trend(t: float) -> str:
     return "trend: too few points yet" if np.isnan(t) else f"trend t={_f(t)}"
 
 
+def kl_series(h: History) -> tuple[str, Series] | None:
+    """The run's KL to the reference and its tag: the rollout's ``objective/kl`` (every RL iteration), else the
+    held-out ``eval/kl`` (at each evaluation): a DPO run samples nothing in training and logs only the latter. None
+    when the run logged neither."""
+    for tag in (tags.KL, tags.EVAL_KL):
+        s = h.get(tag)
+        if s is not None:
+            return tag, s
+    return None
+
+
+def is_dpo(h: History) -> bool:
+    """Whether the run is a DPO run (it logged ``dpo/loss``, or its hparams are DPOModule's: a ``beta`` and a
+    ``loss`` and no PPO ``kl`` group). Its ``beta`` scales the implicit reward (always > 0); it is no KL penalty."""
+    hp = h.hparams
+    dpo_hparams = "beta" in hp and "loss" in hp and "kl" not in hp and "kl_coef" not in hp
+    return h.get(tags.DPO_LOSS) is not None or dpo_hparams
+
+
 #: Why the detectors that compare with the gold judge's reward did not run (a user's own data has no judge).
 NO_GOLD = "no gold judge for this data"
 
@@ -233,7 +252,13 @@ GOLD_DIVERGENCE = _Spec(
 
 @_detector(GOLD_DIVERGENCE)
 def gold_divergence(
-    h: History, window: int = 20, t_min: float = 3.0, smooth: int = 10, drop_frac: float = 0.5
+    h: History,
+    window: int = 20,
+    t_min: float = 3.0,
+    smooth: int = 10,
+    drop_frac: float = 0.5,
+    eval_window: int = 5,
+    eval_smooth: int = 1,
 ) -> Finding:
     """Proxy up, gold down: the over-optimisation signature.
 
@@ -242,19 +267,25 @@ def gold_divergence(
     from the start to its peak while the proxy is higher than at the gold's peak (and both trends still point that
     way). Uses the rollout's gold and proxy (per iteration), else the evaluation's. Both tests are strict because a
     rollout's mean gold is noisy (docs/failure_modes.md, "Why these defaults").
+
+    A DPO run optimises its implicit reward, not a reward model's: its proxy is the implicit-reward margin on the
+    held-out pairs (``rewards/val_margins``; ``eval/proxy_reward`` when that is missing), against ``eval/gold_reward``.
+    Evaluations are few (a handful per run) and each is a mean over every held-out prompt, so on evaluation points
+    the trends span ``eval_window`` points and the gold is smoothed over ``eval_smooth``.
     """
     if not has_gold(h):
         return not_evaluated(GOLD_DIVERGENCE, NO_GOLD)
-    for proxy_tag, gold_tag in (
-        (tags.PROXY_REWARD, tags.GOLD_REWARD),
-        (tags.EVAL_PROXY_REWARD, tags.EVAL_GOLD_REWARD),
-    ):
+    rollout = () if is_dpo(h) else ((tags.PROXY_REWARD, tags.GOLD_REWARD),)
+    implicit = ((tags.DPO_VAL_MARGINS, tags.EVAL_GOLD_REWARD),) if is_dpo(h) else ()
+    for proxy_tag, gold_tag in (*rollout, *implicit, (tags.EVAL_PROXY_REWARD, tags.EVAL_GOLD_REWARD)):
         pair = _aligned(h, proxy_tag, gold_tag)
         if pair is not None and len(pair[0]) >= 3:
             break
     else:
         return not_evaluated(GOLD_DIVERGENCE, _needs(tags.GOLD_REWARD, tags.PROXY_REWARD) + " (>= 3)")
     steps, (proxy, gold) = pair
+    if gold_tag == tags.EVAL_GOLD_REWARD:
+        window, smooth = eval_window, eval_smooth
     w = min(window, len(steps))
     _, tp = trend(steps, proxy, w)
     _, tg = trend(steps, gold, w)
@@ -266,9 +297,11 @@ def gold_divergence(
     by_peak = (gain > 0) & (drop > 0) & (drop >= drop_frac * gain) & (proxy_since > 0) & (tp > 0) & (tg < 0)
     signal = by_slope | by_peak
 
+    means = f" (means of {smooth} points)" if smooth > 1 else ""
+
     def describe(i: int) -> str:
         return (
-            f"at iteration {steps[i]} (means of {smooth} points): {proxy_tag} {_f(ps[i])} ({_trend(tp[i])}, "
+            f"at iteration {steps[i]}{means}: {proxy_tag} {_f(ps[i])} ({_trend(tp[i])}, "
             f"{proxy_since[i]:+.3g} since the gold peak), {gold_tag} {_f(gs[i])} ({_trend(tg[i])}), {_f(drop[i])} "
             f"below its peak {_f(peak[i])} at iteration {steps[peak_at[i]]}"
         )
@@ -296,6 +329,7 @@ def kl_outpaces_reward(
 ) -> Finding:
     """Reward gained per unit of sqrt(KL), now against when the KL started to grow.
 
+    The rollout's proxy and ``objective/kl``, else (a DPO run) the held-out ``eval/proxy_reward`` and ``eval/kl``.
     Reward grows about linearly in sqrt(KL) while the proxy is trustworthy (the scaling of reward-model
     over-optimisation), so d reward / d sqrt(KL) stays roughly constant on a healthy run. Fires where sqrt(KL) rises
     (trailing-``window`` slope t > ``t_min``, and by at least ``min_growth`` of its level over the window, so that
@@ -305,9 +339,13 @@ def kl_outpaces_reward(
     with 20 one healthy run crossed the line at a single iteration: the condition must hold ``patience`` iterations
     in a row.
     """
-    pair = _aligned(h, tags.PROXY_REWARD, tags.KL)
-    if pair is None:
-        return not_evaluated(KL_OUTPACES_REWARD, _needs(tags.PROXY_REWARD, tags.KL))
+    for reward_tag, kl_tag in ((tags.PROXY_REWARD, tags.KL), (tags.EVAL_PROXY_REWARD, tags.EVAL_KL)):
+        pair = _aligned(h, reward_tag, kl_tag)
+        if pair is not None:
+            break
+    else:
+        return not_evaluated(KL_OUTPACES_REWARD, _needs(tags.PROXY_REWARD, tags.KL) + f" (or {tags.EVAL_PROXY_REWARD}"
+                             f" and {tags.EVAL_KL})")  # fmt: skip
     steps, (reward, kl) = pair
     root = np.sqrt(np.clip(kl, 0.0, None))
     sr, _ = trend(steps, reward, window)
@@ -327,7 +365,7 @@ def kl_outpaces_reward(
             if rising[i]
             else "sqrt(KL) not rising"
         )
-        return f"at iteration {steps[i]}: KL {_f(kl[i])} (sqrt(KL) {_trend(tk[i])}), {gains}"
+        return f"at iteration {steps[i]}: {kl_tag} {_f(kl[i])} (sqrt(KL) {_trend(tk[i])}), {gains}"
 
     return _result(KL_OUTPACES_REWARD, steps, signal, describe)
 
@@ -616,15 +654,17 @@ NEGATIVE_KL = _Spec(
 
 @_detector(NEGATIVE_KL)
 def negative_kl(h: History, window: int = 5, tol: float = 0.05) -> Finding:
-    """``objective/kl``: the mean of the last ``window`` points below ``-tol`` (nats per sequence)."""
-    s = h.get(tags.KL)
-    if s is None:
-        return not_evaluated(NEGATIVE_KL, _needs(tags.KL))
+    """``objective/kl`` (else ``eval/kl``, :func:`kl_series`): the mean of the last ``window`` points below ``-tol``
+    (nats per sequence)."""
+    found = kl_series(h)
+    if found is None:
+        return not_evaluated(NEGATIVE_KL, _needs(tags.KL) + f" (or {tags.EVAL_KL})")
+    tag, s = found
     m = trailing_mean(s.values, window)
     signal = (m < -tol) & (np.arange(len(m)) >= window - 1)
 
     def describe(i: int) -> str:
-        return f"at iteration {s.steps[i]}: mean KL {_f(m[i])} over the last {window} points"
+        return f"at iteration {s.steps[i]}: mean {tag} {_f(m[i])} over the last {window} points"
 
     return _result(NEGATIVE_KL, s.steps, signal, describe)
 
@@ -653,10 +693,12 @@ def kl_blowup(
 ) -> Finding:
     """``objective/kl`` (trailing mean of ``smooth`` points) above ``bound`` nats, or above ``floor`` and ``growth``
     times what it was ``window`` points earlier (exploding growth) when that earlier level was at least ``min_base``
-    nats: every run starts at KL 0 and a healthy one climbs a few nats fast, which is not a blow-up."""
-    s = h.get(tags.KL)
-    if s is None:
-        return not_evaluated(KL_BLOWUP, _needs(tags.KL))
+    nats: every run starts at KL 0 and a healthy one climbs a few nats fast, which is not a blow-up. A run without
+    ``objective/kl`` (DPO) is read on ``eval/kl`` (:func:`kl_series`), its points the evaluations."""
+    found = kl_series(h)
+    if found is None:
+        return not_evaluated(KL_BLOWUP, _needs(tags.KL) + f" (or {tags.EVAL_KL})")
+    tag, s = found
     ks = trailing_mean(s.values, smooth)
     lag = np.full(len(ks), np.nan)
     if 0 < window < len(ks):
@@ -666,7 +708,7 @@ def kl_blowup(
 
     def describe(i: int) -> str:
         before = f", {_f(lag[i])} {window} points earlier" if np.isfinite(lag[i]) else ""
-        return f"at iteration {s.steps[i]}: KL {_f(ks[i])} nats (mean of {smooth}){before}; bound {_f(bound)}"
+        return f"at iteration {s.steps[i]}: {tag} {_f(ks[i])} nats (mean of {smooth}){before}; bound {_f(bound)}"
 
     return _result(KL_BLOWUP, s.steps, signal, describe)
 
@@ -695,12 +737,21 @@ def kl_hparams(hparams: dict) -> dict:
     return {flat: group[key] for key, flat in names.items() if key in group}
 
 
+#: Why the detectors of a KL coefficient do not read a DPO run.
+_DPO_BETA = (
+    "a DPO run: its beta scales the implicit reward (always > 0), it is no KL penalty or controller; read "
+    "kl_blowup on eval/kl instead"
+)
+
+
 @_detector(BETA_AT_BOUND)
 def beta_at_bound(h: History, patience: int = 3, rtol: float = 1e-3) -> Finding:
     """Beta at a bound for ``patience`` iterations in a row: the module's own flag ``objective/kl_coef_at_bound``
     when logged, else ``objective/kl_coef`` within ``rtol`` of hparams' ``kl.min_coef`` or ``kl.max_coef`` (the flat
     ``kl_min`` / ``kl_max`` of older runs); only for an adaptive controller (read from hparams.yaml; a run without
     it is judged by the flag alone)."""
+    if is_dpo(h):
+        return not_evaluated(BETA_AT_BOUND, _DPO_BETA)
     hp = kl_hparams(h.hparams)
     # The module logs the flag under every controller (always 0 but for the adaptive one): a fixed or annealed beta
     # follows its schedule, and "at its bound" means nothing there.
@@ -743,7 +794,9 @@ NO_KL_PENALTY = _Spec(
 @_detector(NO_KL_PENALTY)
 def no_kl_penalty(h: History, window: int = 10, t_min: float = 2.0) -> Finding:
     """Beta (``objective/kl_coef``, else hparams' ``kl_coef`` of a fixed controller) is 0 while ``objective/kl``
-    rises (trailing-``window`` slope t > ``t_min``)."""
+    rises (trailing-``window`` slope t > ``t_min``). Not for a DPO run: its beta is no penalty that can be off."""
+    if is_dpo(h):
+        return not_evaluated(NO_KL_PENALTY, _DPO_BETA)
     kl = h.get(tags.KL)
     if kl is None:
         return not_evaluated(NO_KL_PENALTY, _needs(tags.KL))

@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 
+from rlhf_lightning import tags
 from rlhf_lightning.data.collate import collate_pairs
 from rlhf_lightning.data.tokenizer import check_same_tokenizer
 from rlhf_lightning.metrics import order_agreement, pairwise_accuracy
@@ -194,7 +195,7 @@ class DPOModule(PhaseModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, rewards = self._pair_loss(batch, self.ref_logps_train)
-        self.log("dpo/loss", finite_rank_mean(self, loss, "dpo/loss"), prog_bar=True)
+        self.log(tags.DPO_LOSS, finite_rank_mean(self, loss, tags.DPO_LOSS), prog_bar=True)
         self.log_dict(reward_metrics(rewards, "rewards/"), sync_dist=True)
         self.log("dpo/lr", self.optimizers().param_groups[0]["lr"])
         return loss

@@ -242,3 +242,75 @@ def test_trend_slope_and_t_statistic():
 def test_trailing_mean_and_sustained():
     assert np.allclose(trailing_mean(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
     assert sustained(np.array([True, True, False, True, True, True]), 2).tolist() == [0, 1, 0, 0, 1, 1]
+
+
+def _dpo_points(kl: np.ndarray) -> dict[str, dict[int, float]]:
+    """A DPO run's tags: dpo/loss every 10 steps, the held-out evaluation (eval/*, with eval/kl) every 50; no
+    objective/* (DPO samples nothing in training)."""
+    evals = np.arange(49, 50 * len(kl), 50)
+    rise = 1.0 - np.exp(-evals / 150.0)
+    per_eval = {
+        "eval/gold_reward": 1.2 + 0.8 * rise,
+        "eval/sft_gold_reward": np.full(len(evals), 1.2),
+        "eval/proxy_reward": 0.6 * rise,
+        "eval/sft_proxy_reward": np.zeros(len(evals)),
+        "eval/kl": kl,
+    }
+    points = {tag: dict(zip(map(int, evals), map(float, v), strict=True)) for tag, v in per_eval.items()}
+    points["dpo/loss"] = {step: 0.69 - 1e-4 * step for step in range(0, 50 * len(kl), 10)}
+    return points
+
+
+#: A DPO run's hparams.yaml: beta is the implicit reward's scale (and betas Adam's), no PPO kl group.
+DPO_HPARAMS = {"beta": 0.01, "label_smoothing": 0.0, "loss": "sigmoid", "lr": 3e-4, "betas": [0.9, 0.95]}
+
+
+def test_a_dpo_run_is_read_on_eval_kl_and_its_beta_is_no_kl_coefficient():
+    findings = {f.name: f for f in run_detectors(History.from_points(_dpo_points(np.linspace(1, 9, 8)), DPO_HPARAMS))}
+    for name in ("kl_trouble.kl_blowup", "kl_trouble.negative_kl", "reward_hacking.kl_outpaces_reward"):
+        assert findings[name].evaluated and not findings[name].triggered and "eval/kl" in findings[name].evidence, name
+    for name in ("kl_trouble.no_kl_penalty", "kl_trouble.beta_at_bound"):  # beta 0.01 is no (tiny) KL penalty
+        assert not findings[name].evaluated and "a DPO run" in findings[name].evidence, name
+    assert findings["reward_hacking.gold_divergence"].evaluated  # on eval/proxy_reward and eval/gold_reward
+    # Known by its hparams alone too (a run whose dpo/loss was not kept), and by dpo/loss alone (no hparams.yaml).
+    points = _dpo_points(np.linspace(1, 9, 8))
+    only_eval = {tag: v for tag, v in points.items() if tag != "dpo/loss"}
+    for h in (History.from_points(only_eval, DPO_HPARAMS), History.from_points(points)):
+        assert "a DPO run" in DETECTORS["kl_trouble.no_kl_penalty"](h).evidence
+
+
+def test_a_dpo_runs_kl_blowup_and_negative_kl_fire_on_eval_kl():
+    blown = DETECTORS["kl_trouble.kl_blowup"](History.from_points(_dpo_points(np.linspace(5, 40, 8)), DPO_HPARAMS))
+    assert blown.triggered and blown.evidence.startswith("at iteration 399: eval/kl 35 nats (mean of 3)")
+    negative = DETECTORS["kl_trouble.negative_kl"](History.from_points(_dpo_points(np.full(8, -0.5)), DPO_HPARAMS))
+    assert negative.triggered and "mean eval/kl -0.5" in negative.evidence
+
+
+def test_a_ppo_run_reads_objective_kl_though_it_logs_eval_kl_too(synth):
+    points = synth.healthy_points()
+    synth.set_series(points, "objective/kl", np.full(len(t), -0.3))
+    points["eval/kl"] = {step: 4.0 for step in points["eval/gold_reward"]}
+    f = DETECTORS["kl_trouble.negative_kl"](History.from_points(points, synth.hparams))
+    assert f.triggered and "mean objective/kl -0.3" in f.evidence
+    findings = {f.name: f for f in run_detectors(History.from_points(points, synth.hparams))}
+    assert findings["kl_trouble.no_kl_penalty"].evaluated  # a PPO run's kl_coef is read as before
+
+
+def test_a_dpo_runs_gold_divergence_reads_its_implicit_reward():
+    """DPO climbs its implicit reward: the held-out pairs' margin rising while the gold falls from its peak is the
+    over-optimisation, even where the reward model's proxy falls with the gold (measured: failures/dpo_small_beta)."""
+    gold = np.array([1.19, 1.82, 2.25, 1.78, 1.72, 1.53, 1.50, 1.49])  # seed 1 of failures/dpo_small_beta
+    points = _dpo_points(np.linspace(5, 12, 8))
+    evals = sorted(points["eval/gold_reward"])
+    points["eval/gold_reward"] = dict(zip(evals, gold, strict=True))
+    points["eval/proxy_reward"] = dict(zip(evals, 0.3 * gold, strict=True))  # the reward model agrees with the gold
+    margins = dict(zip(evals, np.linspace(0.006, 0.033, 8), strict=True))
+    f = DETECTORS["reward_hacking.gold_divergence"](History.from_points({**points, "rewards/val_margins": margins}))
+    assert f.triggered and f.iteration == 299 and f.evidence.startswith("at iteration 299: rewards/val_margins")
+    healthy = _dpo_points(np.linspace(1, 2, 8))  # gold rising to the end (the packaged dpo's shape)
+    healthy["rewards/val_margins"] = margins
+    f = DETECTORS["reward_hacking.gold_divergence"](History.from_points(healthy, DPO_HPARAMS))
+    assert f.evaluated and not f.triggered and "rewards/val_margins" in f.evidence
+    # Without the implicit reward's tag, the reward model's proxy (which falls with the gold here) is read.
+    f = DETECTORS["reward_hacking.gold_divergence"](History.from_points(points, DPO_HPARAMS))
+    assert f.evaluated and not f.triggered and "eval/proxy_reward" in f.evidence

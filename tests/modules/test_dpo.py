@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 from test_ppo import RM_TINY, scalars
 from test_sft import TINY
@@ -19,6 +20,8 @@ from rlhf_lightning.checkpoint import load_checkpoint
 from rlhf_lightning.cli import main
 from rlhf_lightning.data import PreferenceDataModule
 from rlhf_lightning.data.modules import collate_indexed_pairs
+from rlhf_lightning.diagnose.detectors import run_detectors
+from rlhf_lightning.diagnose.events import read_run
 from rlhf_lightning.modules import DPOModule
 from rlhf_lightning.modules.dpo import pair_logps
 
@@ -65,6 +68,31 @@ def test_cli_end_to_end(base, monkeypatch):
     assert module.tokenizer is not None
     main(["--debug", "export", str(ckpt), "--out", str(base / "dpo_export")])  # a causal LM like SFT's and PPO's
     assert (base / "dpo_export/config.json").is_file()
+
+
+def test_a_failure_preset_and_the_diagnosis_of_the_run(base, tmp_path, monkeypatch, capsys):
+    """`rlhf fit -c dpo --preset failures/dpo_small_beta` runs the preset's dpo part (the tiny overrides after it
+    win), and `rlhf diagnose` reads the run: the KL detectors on eval/kl, DPO's beta no KL coefficient."""
+    for name in ("world", "sft", "rm"):
+        (tmp_path / "runs").mkdir(exist_ok=True)
+        (tmp_path / "runs" / name).symlink_to(base / "runs" / name)
+    monkeypatch.chdir(tmp_path)
+    main(["--debug", "fit", "-c", "dpo", "--preset", "failures/dpo_small_beta", *DPO_TINY,
+          "--model.init_args.reward_checkpoint=runs/rm/checkpoints/last.ckpt"])  # fmt: skip
+    saved = yaml.safe_load((tmp_path / "runs/dpo/config.yaml").read_text())
+    assert saved["model"]["init_args"]["beta"] == 0.01 and saved["model"]["init_args"]["lr"] == 3e-4
+    assert saved["trainer"]["val_check_interval"] == 2  # the command line's, after the preset
+    capsys.readouterr()
+    main(["diagnose", "runs/dpo"])
+    report = capsys.readouterr().out
+    findings = {f.name: f for f in run_detectors(read_run(tmp_path / "runs/dpo"))}
+    for name in ("kl_trouble.kl_blowup", "kl_trouble.negative_kl"):
+        assert findings[name].evaluated and "eval/kl" in findings[name].evidence, name
+        assert f"`{name}`: at iteration 3: " in report
+    assert (
+        not findings["kl_trouble.no_kl_penalty"].evaluated
+        and "a DPO run" in findings["kl_trouble.no_kl_penalty"].evidence
+    )
 
 
 class RefCalls(Callback):
