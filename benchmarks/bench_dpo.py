@@ -48,11 +48,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from word_vocab import padded_word_tokenizer  # benchmarks/word_vocab.py, beside this script
 
 import rlhf_kernels
 from rlhf_lightning.cli import main as cli
 from rlhf_lightning.data import PreferenceDataModule
-from rlhf_lightning.data.tokenizer import Tokenizer
 from rlhf_lightning.io import write_jsonl
 from rlhf_lightning.modules import DPOModule
 from rlhf_lightning.modules import dpo as dpo_module
@@ -66,10 +66,7 @@ def write_data(root: Path, args: argparse.Namespace) -> Path:
     """The tokenizer (``root/tokenizer``) and the JSONL files of a synthetic data folder (``root/data``): SFT
     demonstrations for the one-step SFT run, the preference pairs, a few held-out prompts. Returns the tokenizer's
     path."""
-    words = [f"w{i}" for i in range(args.vocab - 3)]  # 3 ids are <pad>, <eos>, <unk>
-    tokenizer = Tokenizer.train_word_level([], extra_words=words)
-    if tokenizer.vocab_size != args.vocab:
-        raise RuntimeError(f"the word-level tokenizer has {tokenizer.vocab_size} ids, asked for {args.vocab}")
+    tokenizer, words = padded_word_tokenizer(args.vocab)  # words w0 ...: 3 ids are <pad>, <eos>, <unk>
     tokenizer.save(root / "tokenizer")
     rng = random.Random(args.seed)
 

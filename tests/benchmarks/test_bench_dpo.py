@@ -4,26 +4,13 @@ beyond being positive: timings belong in benchmarks, never in tests."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
-
-def load(name: str) -> ModuleType:
-    """A script of benchmarks/ as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_dpo_tiny_prints_positive_throughput(capsys):
-    bench = load("bench_dpo")
+def test_bench_dpo_tiny_prints_positive_throughput(capsys, load_bench):
+    bench = load_bench("bench_dpo")
     # --threads 0 leaves torch's thread count to the test process; a tiny model keeps it to seconds.
     result = bench.main(["--layers", "1", "--heads", "2", "--width", "32", "--vocab", "40", "--steps", "3", "--warmup",
                          "1", "--pairs", "32", "--val-pairs", "4", "--batch", "8", "--threads", "0"])  # fmt: skip
@@ -35,7 +22,7 @@ def test_bench_dpo_tiny_prints_positive_throughput(capsys):
     assert result["reference_pairs"] == 32 + 4 and 0 < result["reference_pass_s"] <= result["setup_s"]
 
 
-def test_peer_side_tokenizes_to_the_same_tokens_per_pair(monkeypatch):
+def test_peer_side_tokenizes_to_the_same_tokens_per_pair(monkeypatch, load_bench):
     """TRL's DPOTrainer tokenises prompt, prompt + chosen + EOS and prompt + rejected + EOS as text; with the
     peer side's word-level tokenizer that is exactly prompt_tokens and response_tokens (EOS included) each."""
     pytest.importorskip("transformers")
@@ -43,7 +30,7 @@ def test_peer_side_tokenizes_to_the_same_tokens_per_pair(monkeypatch):
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
                 "WANDB_DISABLED", "DISABLE_MLFLOW_INTEGRATION"):  # fmt: skip
         monkeypatch.setenv(key, "1" if key != "TOKENIZERS_PARALLELISM" else "false")
-    peer = load("peer_trl_dpo")
+    peer = load_bench("peer_trl_dpo")
     tokenizer = peer.word_tokenizer(300)
     assert len(tokenizer) == 300
     rows = peer.synthetic_pairs(20, 8, 23, 300, seed=0)
