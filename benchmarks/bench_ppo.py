@@ -14,9 +14,15 @@ through the CLI, so they are ordinary checkpoints). Then ``iterations`` PPO iter
 ``--warmup`` are discarded and the rest summarised: samples/s of whole iterations, rollout tokens/s, and the share of
 each iteration spent generating, scoring (no-grad passes + reward + GAE) and updating.
 
-The vocabulary is the world tokenizer's (about 320 word tokens); ``--vocab`` pads the embedding table to a larger
-size if asked (never smaller: every token id must have a row). EOS is rare under a random policy, so responses run to
-about ``--response-tokens`` tokens; the mean is printed.
+The vocabulary: ``--vocab`` token ids, by default the peer's 300 (TRL's benchmark, ``--vocab-size 300``), so that the
+LM heads (policy, reference, critic trunk, reward model trunk) have as many rows as the peer's. The world's own
+word-level tokenizer has 81 ids (3 specials and the grammar's 78 words); it is padded with unused filler words
+``w0``, ``w1``, ... (``benchmarks/word_vocab.py``, through the package's ``Tokenizer.train_word_level``) and saved in
+the world's folder, where every phase loads it, so the world's prompts and responses still tokenise to the same
+words (one id each, no ``<unk>``). A random policy samples the fillers too; they decode to words that the reward
+model, which has a row for every id, scores like any other. ``--vocab 0`` keeps the world tokenizer's 81 ids (how
+the rows measured before this option existed ran). The vocabulary used, read back from the models, is printed. EOS
+is rare under a random policy, so responses run to about ``--response-tokens`` tokens; the mean is printed.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from word_vocab import padded_word_tokenizer  # benchmarks/word_vocab.py, beside this script
 
 from rlhf_lightning.cli import main as cli
 from rlhf_lightning.rl import ADVANTAGE_ESTIMATORS, AdvantageConfig, KLConfig
+from rlhf_lightning.world.grammar import WORDS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
@@ -41,6 +49,8 @@ def build_checkpoints(root: Path, args: argparse.Namespace) -> None:
     """A tiny world, then one-step SFT and RM runs of the asked shape (effectively random weights)."""
     subprocess.run([sys.executable, "-m", "rlhf_lightning.cli", "world", "--out", str(root / "world")], check=True,
                    capture_output=True)  # fmt: skip
+    if args.vocab:  # the world's tokenizer padded to the asked size; without it the data module writes the 81-id one
+        padded_word_tokenizer(args.vocab, WORDS)[0].save(root / "world")
     shape = [f"--model.init_args.backbone.n_layer={args.layers}", f"--model.init_args.backbone.n_head={args.heads}",
              f"--model.init_args.backbone.d_model={args.width}", f"--model.init_args.backbone.vocab_size={args.vocab}",
              f"--model.init_args.backbone.max_seq_len={max(96, 16 + args.response_tokens)}"]  # fmt: skip
@@ -53,12 +63,25 @@ def build_checkpoints(root: Path, args: argparse.Namespace) -> None:
          f"--trainer.callbacks.init_args.dirpath={root / 'rm'}"])  # fmt: skip
 
 
-def main() -> None:
+def used_vocabulary(module: torch.nn.Module) -> int:
+    """The token ids the run used: the tokenizer's, checked against the LM head rows of the policy, the reference,
+    the critic trunk (when separate) and every reward-model trunk."""
+    heads = {"policy": module.policy, "reference": module.ref_policy, "critic": module.critic_backbone}
+    heads |= {f"reward model trunk {i}": b for i, b in enumerate(module.reward_model.backbones)}
+    rows = {name: int(m.lm_head_weight.shape[0]) for name, m in heads.items() if m is not None}
+    if set(rows.values()) != {module.tokenizer.vocab_size}:
+        raise RuntimeError(f"tokenizer {module.tokenizer.vocab_size} ids, but LM head rows {rows}")
+    return module.tokenizer.vocab_size
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=0, help="embedding rows; 0 = the tokenizer's vocabulary")
+    parser.add_argument("--vocab", type=int, default=300,
+                        help="token ids (LM head rows): the world tokenizer padded to this size (the peer's 300); "
+                             "0: the world tokenizer's own 81")  # fmt: skip
     parser.add_argument("--prompts", type=int, default=16, help="prompts (responses) per iteration")
     parser.add_argument("--response-tokens", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=4)
@@ -70,13 +93,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu, gpu or auto")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.prompts % args.minibatches:
         parser.error("--minibatches must divide --prompts")
     if args.prompts % args.samples_per_prompt:
         parser.error("--samples-per-prompt must divide --prompts")
-    if args.iterations <= args.warmup:
-        parser.error("--iterations must exceed --warmup")
+    if args.iterations <= args.warmup + 1:
+        parser.error("--iterations must exceed --warmup + 1 (the last iteration also evaluates: not timed)")
+    if args.vocab and args.vocab < len(WORDS) + 3:
+        parser.error(f"--vocab must be 0 or >= {len(WORDS) + 3} (the world's words and 3 special tokens)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -113,6 +138,7 @@ def main() -> None:
                             enable_model_summary=False, accelerator=args.accelerator, devices=1,
                             plugins=[AtomicCheckpointIO()])  # fmt: skip
         trainer.fit(module, dm)
+    vocab = used_vocabulary(module)
     timed = rows[args.warmup : args.iterations - 1]  # the last iteration also evaluates
     med = {k: statistics.median(r[k] for r in timed) for k in ("perf/iteration_s", "perf/rollout_s", "perf/score_s",
                                                               "perf/update_s", "perf/tokens_per_s")}  # fmt: skip
@@ -123,6 +149,7 @@ def main() -> None:
           f" x {args.minibatches} minibatches, advantage {args.estimator} (k={args.samples_per_prompt}"
           f"{f', critic {args.critic}' if args.estimator == 'gae' else ', no critic'}); median of {len(timed)}"
           " iterations")  # fmt: skip
+    print(f"vocabulary {vocab} token ids (tokenizer and every model's LM head)")
     it = med["perf/iteration_s"]
     print(f"iteration {it * 1e3:.0f} ms -> {args.prompts / it:.1f} samples/s")
     print(f"rollout generation {med['perf/tokens_per_s']:.0f} tokens/s")
