@@ -491,7 +491,7 @@ AUDIT_DECLINE = _Spec(
 
 
 @_detector(AUDIT_DECLINE)
-def audit_decline(h: History, z: float = 2.0) -> Finding:
+def audit_decline(h: History, z: float = 1.5) -> Finding:
     """At an evaluation, the audit's win rate against SFT (``eval/audit_win_rate``, the mean of
     ``eval/audit_labels`` fresh labels) is more than ``z`` standard errors below its best so far, or below 50% by
     ``z`` standard errors, while the proxy still prefers the policy (``eval/proxy_win_rate`` above 50%). Standard

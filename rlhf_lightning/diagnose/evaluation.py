@@ -15,7 +15,9 @@ warned ones, recall = warned runs among the falling ones, lead time = the gold p
 warning's (positive: the warning came first), and the false alarms on the healthy default runs.
 
 Calibrate on some runs and report on others: thresholds (:data:`GRID`) and the combination are chosen on the
-calibration runs (``--calibrate``: names ending ``_s<seed>`` of those seeds) and reported on the rest.
+calibration runs (``--calibrate``: names ending ``_s<seed>`` of those seeds, less the configurations named by
+``--holdout``, which no calibration run has) and reported on the rest; the combination's scores are also given on
+the held-out configurations alone (settings the calibration never saw).
 
 Gold-free checkpoint selection (:data:`SELECTIONS`): each rule picks one of the run's evaluations without reading
 gold; its score is the gold gain it keeps, pooled over the runs: the sum of (gold at the pick - SFT gold) over the
@@ -225,25 +227,35 @@ def gain_kept(h: History, truth: Truth, step: int | None) -> float:
 # -- the whole evaluation -------------------------------------------------------------------------------------------
 
 
+def _config(name: str) -> str:
+    return re.sub(r"_s\d+$", "", name)
+
+
 def _seed(name: str) -> int | None:
     m = re.search(r"_s(\d+)$", name)
     return int(m.group(1)) if m else None
 
 
 def evaluate(
-    histories: Mapping[str, History], calibrate_seeds: Sequence[int], default_prefix: str, z: float = 2.0
+    histories: Mapping[str, History],
+    calibrate_seeds: Sequence[int],
+    default_prefix: str,
+    z: float = 2.0,
+    holdout: Sequence[str] = (),
 ) -> dict:
     """The whole evaluation as a dict (see the module doc); the Markdown is :func:`render`.
 
     Args:
         histories: run name (``<config>_s<seed>``) -> its RL phase's history.
         calibrate_seeds: the seeds whose runs choose the thresholds and the combination.
+        holdout: configurations (run names less ``_s<seed>``) kept out of the calibration whatever their seed.
         default_prefix: runs whose name starts with it are the healthy default (its false alarms are counted).
     """
     truths = {name: t for name, h in histories.items() if (t := gold_truth(h, z)) is not None}
     names = sorted(truths)
-    calib = [n for n in names if _seed(n) in calibrate_seeds]
+    calib = [n for n in names if _seed(n) in calibrate_seeds and _config(n) not in holdout]
     held = [n for n in names if n not in calib]
+    unseen = [n for n in names if _config(n) in holdout]
     defaults = [n for n in names if n.startswith(default_prefix)]
     detectors = [n for n in DETECTORS if gold_free(n)]
 
@@ -259,11 +271,13 @@ def evaluate(
                 best = (_rank(s), kw)
         thresholds[name] = best[1]
     warnings = {r: first_warnings(histories[r], thresholds) for r in names}
+    as_shipped = {r: first_warnings(histories[r], {}) for r in names}
     per_detector = {
         d: {
             "calibration": score(calib, truths, combine([d], warnings), defaults),
             "held_out": score(held, truths, combine([d], warnings), defaults),
             "all": score(names, truths, combine([d], warnings), defaults),
+            "defaults_all": score(names, truths, combine([d], as_shipped), defaults),
         }
         for d in detectors
         if any(d in warnings[r] for r in names)
@@ -302,6 +316,7 @@ def evaluate(
             "members": list(best_combo),
             "calibration": score(calib, truths, combo_warn, defaults)._asdict(),
             "held_out": score(held, truths, combo_warn, defaults)._asdict(),
+            "unseen_settings": score(unseen, truths, combo_warn, defaults)._asdict(),
             "all": score(names, truths, combo_warn, defaults)._asdict(),
         },
         "selection": selections,
@@ -368,6 +383,7 @@ def render(result: dict) -> str:
         kw = ", ".join(f"{k}={v:g}" for k, v in result["thresholds"].get(d, {}).items()) or "defaults"
         for split in ("calibration", "held_out"):
             lines.append(f"| `{d}` | {kw} | {split.replace('_', ' ')} | {_score_cells(s[split])} |")
+        lines.append(f"| `{d}` | its defaults | all runs | {_score_cells(s['defaults_all'])} |")
     c = result["combination"]
     lines += [
         "",
@@ -378,9 +394,8 @@ def render(result: dict) -> str:
         f"| split {head}",
         "|---|" + "---|" * 4,
     ]
-    lines += [
-        f"| {split.replace('_', ' ')} | {_score_cells(c[split])} |" for split in ("calibration", "held_out", "all")
-    ]
+    splits = ("calibration", "held_out", "unseen_settings", "all")
+    lines += [f"| {split.replace('_', ' ')} | {_score_cells(c[split])} |" for split in splits]
     lines += [
         "",
         "## Gold-free checkpoint selection: the share of the gold gain kept",
@@ -409,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("detectors"), help="output folder (detectors.md, .json)")
     parser.add_argument("--calibrate", default="0", help="comma-separated seeds whose runs calibrate (default 0)")
+    parser.add_argument("--holdout", default="", help="comma-separated configurations never calibrated on")
     parser.add_argument("--default", default="ppo_s", help="name prefix of the healthy default runs")
     parser.add_argument("--z", type=float, default=2.0, help="standard errors of the ground truth's gold drop")
     args = parser.parse_args(argv)
@@ -419,7 +435,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         except NoEventsError as e:
             parser.error(str(e))
     seeds = [int(s) for s in args.calibrate.split(",")]
-    result = evaluate(histories, seeds, args.default, args.z)
+    holdout = [c for c in args.holdout.split(",") if c]
+    result = evaluate(histories, seeds, args.default, args.z, holdout)
     if not result["runs"]:
         parser.error("no run has held-out gold (eval/gold_reward, eval/gold_reward_se): nothing to judge against")
     text = render(result)

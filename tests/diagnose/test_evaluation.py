@@ -106,6 +106,10 @@ def test_evaluate_calibrates_on_one_seed_and_reports_on_the_others(synth):
     held = combo["held_out"]
     assert (held["precision"], held["recall"], held["false_alarms_default"]) == (1.0, 1.0, 0)
     assert held["defaults"] == 2 and held["median_lead"] >= 0
+    assert combo["unseen_settings"]["falling"] == 0  # no configuration held out
+    unseen = evaluate(histories, calibrate_seeds=[0], default_prefix="ppo_s", holdout=["hacked"])
+    assert [r for r, v in unseen["runs"].items() if v["calibration"]] == ["ppo_s0"]
+    assert unseen["combination"]["unseen_settings"]["falling"] == 3
     drift = result["detectors"]["reward_hacking.length_drift"]["held_out"]
     assert drift["recall"] == 1.0
     assert "reward_hacking.gold_divergence" not in result["detectors"]  # needs gold: never scored
