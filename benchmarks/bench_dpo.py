@@ -47,6 +47,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from dpo_record import step_fields  # benchmarks/dpo_record.py, beside this script
 from lightning.pytorch.callbacks import Callback
 from word_vocab import padded_word_tokenizer  # benchmarks/word_vocab.py, beside this script
 
@@ -178,26 +179,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if lengths != {want}:  # the like-for-like promise: every pair the same tokens as TRL's side
         raise RuntimeError(f"tokens per pair {sorted(lengths)}, expected {want}")
     durations = timer.durations()
-    if len(durations) <= args.warmup:
-        raise RuntimeError(f"{len(durations)} timed steps, need more than --warmup {args.warmup}")
-    median = statistics.median(durations[args.warmup :])
     loop = timer.step_ends[-1] - timer.begin
     device = next(module.policy.parameters()).device
     return {
         "phase": "dpo",
         "impl": "rlhf_lightning.DPOModule",
         "reference": "log-probs cached before training (configure_model)",
-        "steps": len(durations),
-        "warmup": args.warmup,
-        "batch_pairs": args.batch,
-        "prompt_tokens": args.prompt_tokens,
-        "response_tokens": args.response_tokens,
-        "tokens_per_pair": want,  # prompt + chosen + rejected
-        "sequence_tokens": args.prompt_tokens + args.response_tokens,  # each of the 2 x batch rows a step runs
-        "beta": args.beta,
-        "median_step_s": round(median, 4),
-        "pairs_per_s_median": round(args.batch / median, 2),
-        "pairs_per_s_mean": round(len(durations) * args.batch / loop, 2),
+        **step_fields(args, durations, loop),
         "wall_s": round(end - t0, 3),
         "setup_s": round(timer.begin - t0, 3),
         "reference_pass_s": round(reference_s[0], 3),

@@ -38,13 +38,14 @@ import importlib.util
 import json
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from dpo_record import step_fields  # benchmarks/dpo_record.py, beside this script (standard library only)
 
 # Offline before anything imports a Hugging Face library (they read these at import time).
 for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -154,26 +155,13 @@ def run(args: argparse.Namespace, peer: ModuleType, workdir: str) -> dict[str, A
     wall = time.perf_counter() - t1
 
     durations = timer.step_durations()
-    if len(durations) <= args.warmup:
-        raise RuntimeError(f"{len(durations)} timed steps, need more than --warmup {args.warmup}")
-    median = statistics.median(durations[args.warmup :])
     loop = timer.step_ends[-1] - timer.begin
     res = peer.common_fields(argparse.Namespace(**vars(args), bf16=False, gradient_checkpointing=False), "dpo")
     res.update(
         {
             "impl": "trl.DPOTrainer",
             "reference": "precomputed in setup" if args.precompute_ref else "model, every step",
-            "steps": len(durations),
-            "warmup": args.warmup,
-            "batch_pairs": args.batch,
-            "prompt_tokens": args.prompt_tokens,
-            "response_tokens": args.response_tokens,
-            "tokens_per_pair": want,  # prompt + chosen + rejected
-            "sequence_tokens": args.prompt_tokens + args.response_tokens,  # each of the 2 x batch rows a step runs
-            "beta": args.beta,
-            "median_step_s": round(median, 4),
-            "pairs_per_s_median": round(args.batch / median, 2),
-            "pairs_per_s_mean": round(len(durations) * args.batch / loop, 2),
+            **step_fields(args, durations, loop),
             "wall_s": round(wall, 3),
             "setup_s": round(setup_s, 3),
             "train_loss": timer.last_logs.get("train_loss"),  # mean over the run: a determinism check

@@ -188,6 +188,21 @@ def _result(spec: _Spec, steps: np.ndarray, signal: np.ndarray, describe: Callab
     return Finding(spec.name, spec.title, True, False, None, False, evidence, spec.causes, spec.fixes)
 
 
+def _against_start(
+    spec: _Spec, h: History, tag: str, smooth: int, fires: Callable[[np.ndarray, float], np.ndarray],
+    describe: Callable[[float, float], str],
+) -> Finding:  # fmt: skip
+    """A detector on one per-iteration metric against its start: ``fires(trailing mean of smooth points, mean of the
+    first smooth points)`` gives the signal (arrays), ``describe(trailing mean, start)`` the evidence at a point."""
+    s = h.get(tag)
+    if s is None:
+        return not_evaluated(spec, _needs(tag))
+    ts = trailing_mean(s.values, smooth)
+    base, _ = _baseline(h, None, s, smooth)
+    evidence = lambda i: f"at iteration {s.steps[i]}: {describe(float(ts[i]), base)}"  # noqa: E731
+    return _result(spec, s.steps, fires(ts, base), evidence)
+
+
 def not_evaluated(spec: _Spec, why: str) -> Finding:
     """The finding of a detector that could not run on this history."""
     return Finding(spec.name, spec.title, False, False, None, False, f"not evaluated: {why}", spec.causes, spec.fixes)
@@ -412,17 +427,10 @@ ENSEMBLE_DISAGREEMENT = _Spec(
 def ensemble_disagreement(h: History, smooth: int = 5, ratio: float = 2.0) -> Finding:
     """Rising ensemble disagreement: fires where the trailing mean (``smooth`` points) of ``objective/ensemble_std``
     exceeds ``ratio`` times its mean over the first ``smooth`` points."""
-    s = h.get(tags.ENSEMBLE_STD)
-    if s is None:
-        return not_evaluated(ENSEMBLE_DISAGREEMENT, _needs(tags.ENSEMBLE_STD) + " (a reward-model ensemble)")
-    cs = trailing_mean(s.values, smooth)
-    base, _ = _baseline(h, None, s, smooth)
-    signal = cs > ratio * base
-
-    def describe(i: int) -> str:
-        return f"at iteration {s.steps[i]}: ensemble std {_f(cs[i])} (mean of {smooth}), {_f(base)} at the start"
-
-    return _result(ENSEMBLE_DISAGREEMENT, s.steps, signal, describe)
+    return _against_start(
+        ENSEMBLE_DISAGREEMENT, h, tags.ENSEMBLE_STD, smooth, lambda cs, base: cs > ratio * base,
+        lambda cs, base: f"ensemble std {_f(cs)} (mean of {smooth}), {_f(base)} at the start",
+    )  # fmt: skip
 
 
 PROXY_OUT_OF_RANGE = _Spec(
@@ -443,17 +451,10 @@ def proxy_out_of_range(h: History, max_shift: float = 1.5, smooth: int = 5) -> F
     ``smooth`` points. The reward model is normalised to mean 0 and std 1 on the SFT policy's samples
     (models/reward.py), so ``max_shift`` is in standard deviations of the SFT policy's scores: a mean that far out is
     a policy the reward model never saw the like of in training."""
-    s = h.get(tags.PROXY_REWARD)
-    if s is None:
-        return not_evaluated(PROXY_OUT_OF_RANGE, _needs(tags.PROXY_REWARD))
-    ps = trailing_mean(s.values, smooth)
-    base, _ = _baseline(h, None, s, smooth)
-    signal = ps - base > max_shift
-
-    def describe(i: int) -> str:
-        return f"at iteration {s.steps[i]}: proxy {_f(ps[i])} (mean of {smooth}), {ps[i] - base:+.3g} from the start"
-
-    return _result(PROXY_OUT_OF_RANGE, s.steps, signal, describe)
+    return _against_start(
+        PROXY_OUT_OF_RANGE, h, tags.PROXY_REWARD, smooth, lambda ps, base: ps - base > max_shift,
+        lambda ps, base: f"proxy {_f(ps)} (mean of {smooth}), {ps - base:+.3g} from the start",
+    )  # fmt: skip
 
 
 LENGTH_DRIFT = _Spec(
@@ -468,17 +469,10 @@ LENGTH_DRIFT = _Spec(
 def length_drift(h: History, ratio: float = 1.4, smooth: int = 5) -> Finding:
     """``rollout/length_mean`` (trailing mean of ``smooth`` points) above ``ratio`` times its first ``smooth``
     points (iteration 0 samples the SFT policy): no reward model needed, only the policy's own samples."""
-    s = h.get(tags.LENGTH_MEAN)
-    if s is None:
-        return not_evaluated(LENGTH_DRIFT, _needs(tags.LENGTH_MEAN))
-    ls = trailing_mean(s.values, smooth)
-    base, _ = _baseline(h, None, s, smooth)
-    signal = ls > ratio * base
-
-    def describe(i: int) -> str:
-        return f"at iteration {s.steps[i]}: responses {_f(ls[i])} tokens (mean of {smooth}), {_f(base)} at the start"
-
-    return _result(LENGTH_DRIFT, s.steps, signal, describe)
+    return _against_start(
+        LENGTH_DRIFT, h, tags.LENGTH_MEAN, smooth, lambda ls, base: ls > ratio * base,
+        lambda ls, base: f"responses {_f(ls)} tokens (mean of {smooth}), {_f(base)} at the start",
+    )  # fmt: skip
 
 
 AUDIT_DECLINE = _Spec(

@@ -168,10 +168,10 @@ def pick_audit(h: History, warning: int | None) -> int | None:
     return int(s[0][int(np.argmax(s[1]))]) if s is not None else None
 
 
-def pick_proxy_before_warning(h: History, warning: int | None) -> int | None:
-    """The evaluation with the best held-out proxy reward among those before the first warning (all of them when
-    nothing warned; the first evaluation when the warning came before any)."""
-    s = _evals(h, tags.EVAL_PROXY_REWARD)
+def _best_before(h: History, tag: str, warning: int | None) -> int | None:
+    """The evaluation with the best ``tag`` among those before ``warning`` (all of them when nothing warned; the
+    first evaluation when the warning came before any); None when the run did not log ``tag``."""
+    s = _evals(h, tag)
     if s is None:
         return None
     steps, values = s
@@ -179,18 +179,16 @@ def pick_proxy_before_warning(h: History, warning: int | None) -> int | None:
     if not keep.any():
         return int(steps[0])
     return int(steps[keep][int(np.argmax(values[keep]))])
+
+
+def pick_proxy_before_warning(h: History, warning: int | None) -> int | None:
+    """The best held-out proxy reward before the first warning (:func:`_best_before`)."""
+    return _best_before(h, tags.EVAL_PROXY_REWARD, warning)
 
 
 def pick_audit_before_warning(h: History, warning: int | None) -> int | None:
-    """The best audit win rate among the evaluations before the first warning (as :func:`pick_proxy_before_warning`)."""
-    s = _evals(h, tags.EVAL_AUDIT_WIN_RATE)
-    if s is None:
-        return None
-    steps, values = s
-    keep = steps < warning if warning is not None else np.ones(len(steps), bool)
-    if not keep.any():
-        return int(steps[0])
-    return int(steps[keep][int(np.argmax(values[keep]))])
+    """The best audit win rate before the first warning (:func:`_best_before`)."""
+    return _best_before(h, tags.EVAL_AUDIT_WIN_RATE, warning)
 
 
 #: Gold-free checkpoint rules: (history, the chosen combination's first warning) -> the evaluation's iteration.
