@@ -196,7 +196,8 @@ def _against_start(
     first smooth points)`` gives the signal (arrays), ``describe(trailing mean, start)`` the evidence at a point."""
     s = h.get(tag)
     if s is None:
-        return not_evaluated(spec, _needs(tag))
+        # the need in words too, where the tag alone does not say it (an ensemble's disagreement)
+        return not_evaluated(spec, _needs(tag) + "".join(f" ({NEEDS[n]})" for n in spec.needs if n == "ensemble"))
     ts = trailing_mean(s.values, smooth)
     base, _ = _baseline(h, None, s, smooth)
     evidence = lambda i: f"at iteration {s.steps[i]}: {describe(float(ts[i]), base)}"  # noqa: E731

@@ -142,6 +142,8 @@ def test_missing_metrics_are_not_evaluated():
     assert len(findings) == len(DETECTORS)
     assert not any(f.evaluated or f.triggered for f in findings)
     assert all(f.evidence.startswith("not evaluated") for f in findings)
+    by_name = {f.name: f.evidence for f in findings}
+    assert by_name["reward_hacking.ensemble_disagreement"].endswith("(a reward-model ensemble)")
 
 
 def test_fixed_controller_skips_beta_at_bound(synth):
