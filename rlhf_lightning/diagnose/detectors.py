@@ -586,9 +586,10 @@ ENTROPY_COLLAPSE = _Spec(
 
 @_detector(ENTROPY_COLLAPSE)
 def entropy_collapse(h: History, frac: float = 0.3, smooth: int = 5) -> Finding:
-    """``objective/entropy`` (trailing mean of ``smooth`` points) below ``frac`` of ``eval/sft_entropy`` (else of its
-    first ``smooth`` points). PPO lowers entropy on healthy runs too, hence a lower fraction than for diversity."""
-    return _drop(ENTROPY_COLLAPSE, h, ((tags.ENTROPY, "eval/sft_entropy", False),), frac, smooth)
+    """``objective/entropy`` (trailing mean of ``smooth`` points) below ``frac`` of its first ``smooth`` points (the
+    first update's minibatches are the SFT policy's own samples). PPO lowers entropy on healthy runs too, hence a
+    lower fraction than for diversity."""
+    return _drop(ENTROPY_COLLAPSE, h, ((tags.ENTROPY, None, False),), frac, smooth)
 
 
 ACROSS_INPUT_DIVERSITY = _Spec(
