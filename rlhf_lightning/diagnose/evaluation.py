@@ -243,6 +243,9 @@ def evaluate(
 ) -> dict:
     """The whole evaluation as a dict (see the module doc); the Markdown is :func:`render`.
 
+    Raises:
+        ValueError: no history has held-out gold.
+
     Args:
         histories: run name (``<config>_s<seed>``) -> its RL phase's history.
         calibrate_seeds: the seeds whose runs choose the thresholds and the combination.
@@ -250,6 +253,11 @@ def evaluate(
         default_prefix: runs whose name starts with it are the healthy default (its false alarms are counted).
     """
     truths = {name: t for name, h in histories.items() if (t := gold_truth(h, z)) is not None}
+    if not truths:
+        raise ValueError(
+            f"no run has held-out gold ({tags.EVAL_GOLD_REWARD}, {tags.EVAL_GOLD_REWARD_SE}): nothing to judge the "
+            "detectors against (runs of the embedded world only)"
+        )
     names = sorted(truths)
     calib = [n for n in names if _seed(n) in calibrate_seeds and _config(n) not in holdout]
     held = [n for n in names if n not in calib]
@@ -435,8 +443,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     seeds = [int(s) for s in args.calibrate.split(",")]
     holdout = [c for c in args.holdout.split(",") if c]
     result = evaluate(histories, seeds, args.default, args.z, holdout)
-    if not result["runs"]:
-        parser.error("no run has held-out gold (eval/gold_reward, eval/gold_reward_se): nothing to judge against")
     text = render(result)
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_open(args.out / "detectors.json") as f:

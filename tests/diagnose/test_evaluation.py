@@ -133,3 +133,10 @@ def test_cli_writes_the_tables(tmp_path, synth, capsys):
     with pytest.raises(SystemExit) as exc:
         rlhf_main(["evaluate-detectors", str(tmp_path / "nothing")])
     assert exc.value.code == 2
+    # runs without gold (a user's own data): one line that says why, exit status 2
+    blind = tmp_path / "blind_s0" / "runs/ppo"
+    synth.write_events(blind, {k: v for k, v in run_points(synth, 0, False).items() if "gold" not in k})
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        rlhf_main(["evaluate-detectors", str(blind.parent.parent)])
+    assert exc.value.code == 2 and "no run has held-out gold" in capsys.readouterr().err

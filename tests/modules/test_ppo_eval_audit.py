@@ -36,5 +36,5 @@ def test_audit_prefers_the_better_responses_with_reproducible_noise():
 
 
 def test_audit_labels_must_not_be_negative():
-    with pytest.raises(ValueError, match="eval.audit_labels"):
+    with pytest.raises(ValueError, match=r"eval\.audit_labels"):
         EvalConfig(audit_labels=-1)
