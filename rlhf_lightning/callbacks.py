@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from rlhf_lightning import tags
 from rlhf_lightning.checkpoint import checkpoint_dir
-from rlhf_lightning.diagnose.detectors import DETECTORS, FAMILIES, GOLD_TAGS, Finding, run_detectors
+from rlhf_lightning.diagnose.detectors import DETECTORS, FAMILIES, GOLD_TAGS, NO_GOLD, Finding, run_detectors
 from rlhf_lightning.diagnose.history import History
 from rlhf_lightning.diagnose.selection import GOLD_TAG, best_checkpoint_score
 
@@ -76,6 +76,7 @@ class RLHFDiagnostics(pl.Callback):
         self._seen_iteration: int | None = None
         self._best: float | None = None
         self._no_metrics_warned = False
+        self._blind_said = False
         self.findings: list[Finding] = []  #: the findings after the last iteration
 
     def on_train_batch_end(
@@ -121,10 +122,22 @@ class RLHFDiagnostics(pl.Callback):
             rank_zero_warn(f"{type(self).__name__}: stopping at iteration {step} (stop_on: {self.stop_on})")
 
     def _report(self, pl_module: pl.LightningModule, step: int, new: list[Finding]) -> None:
+        # A family whose every detector needs the gold judge, on a run without one: no flag (a 0 would read as
+        # "quiet"), and one line that says so.
+        blind = [
+            family
+            for family in FAMILIES
+            if all(not f.evaluated and f.evidence.endswith(NO_GOLD) for f in self.findings if f.family == family)
+        ]
+        if blind and not self._blind_said:
+            self._blind_said = True
+            rank_zero_info(f"{type(self).__name__}: {NO_GOLD}: {', '.join(blind)} cannot be evaluated (each of its "
+                           "detectors compares with gold); no diagnostics/ flag is logged for it")  # fmt: skip
         if pl_module.logger is not None:
             flags = {
                 f"diagnostics/{family}": float(any(f.active for f in self.findings if f.family == family))
                 for family in FAMILIES
+                if family not in blind
             }
             pl_module.logger.log_metrics(flags, step=step)
         if self.warn:

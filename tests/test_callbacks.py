@@ -141,10 +141,16 @@ def test_best_checkpoint_score():
     assert best_checkpoint_score(audited, False, [_finding("reward_hacking", True)]) == (0.62, "eval/audit_win_rate")
 
 
-def test_without_gold_the_callback_never_sees_the_judge(tmp_path):
+def test_without_gold_the_callback_never_sees_the_judge(tmp_path, caplog):
     # The lab's view of a real run: gold is logged by the module but neither the detectors nor best.ckpt read it.
     callback = RLHFDiagnostics(gold=False)
-    fit(tmp_path, callback)
+    with caplog.at_level("INFO"):
+        fit(tmp_path, callback)
+    said = [r.message for r in caplog.records if "cannot be evaluated" in r.message]
+    assert len(said) == 1 and "annotation_shift" in said[0]
     assert "eval/gold_reward" not in callback.state_dict()["points"]
     assert callback.state_dict()["best"] is None and not (tmp_path / "best.ckpt").exists()  # no held-out proxy either
     assert any(f.name == "kl_trouble.kl_blowup" and f.triggered for f in callback.findings)
+    h = read_run(tmp_path)
+    assert h.get("diagnostics/annotation_shift") is None  # a 0 would read as quiet: not evaluated, so no flag
+    assert h.get("diagnostics/kl_trouble") is not None
