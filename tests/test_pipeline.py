@@ -73,10 +73,12 @@ def test_pipeline_end_to_end_with_a_failure_preset_and_its_fix(tmp_path, capsys)
     assert "rlhf pipeline summary" in printed and "win rate vs SFT" in printed
 
 
-#: All a tiny run may print on stderr, line by line: Lightning's start-up facts, the end of each fit, and the
-#: diagnostics callback's best checkpoint. Any other line (a warning, a tip, a notice) fails the test that uses it.
+#: All a tiny run may print on stderr, line by line: Lightning's start-up facts, the end of each fit, the diagnostics
+#: callback's best checkpoint, and its one line on what it cannot evaluate without a gold judge. Any other line (a
+#: warning, a tip, a notice) fails the test that uses it.
 ALLOWED_STDERR = re.compile(
     r"Seed set to \d+|GPU available: .*|TPU available: .*|`Trainer\.fit` stopped: .*|RLHFDiagnostics: new best .*"
+    r"|RLHFDiagnostics: no gold judge for this data: annotation_shift cannot be evaluated .*"
 )
 
 
