@@ -47,7 +47,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from dpo_record import step_fields  # benchmarks/dpo_record.py, beside this script
+from dpo_record import add_shared_args, check_shared_args, step_fields  # benchmarks/dpo_record.py, beside this script
 from lightning.pytorch.callbacks import Callback
 from word_vocab import padded_word_tokenizer  # benchmarks/word_vocab.py, beside this script
 
@@ -213,27 +213,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--max-seq-len", type=int, default=128, help="position table (the peer GPT-2's n_positions)")
     p.add_argument("--vocab", type=int, default=300, help="token ids of the word-level tokenizer (the peer's 300)")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps")
-    p.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
-    p.add_argument("--batch", type=int, default=16, help="preference pairs per optimizer step")
-    p.add_argument("--pairs", type=int, default=1024, help="training pairs (all go through the reference pass)")
+    add_shared_args(p)
     p.add_argument("--val-pairs", type=int, default=16, help="validation pairs (reference pass only: no validation)")
-    p.add_argument("--prompt-tokens", type=int, default=8)
-    p.add_argument("--response-tokens", type=int, default=24, help="per response, its EOS included")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-4, help="configs/dpo.yaml's")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; 0 leaves torch's setting")
     p.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu, gpu or auto")
-    p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
-    if args.steps <= args.warmup:
-        p.error("--steps must exceed --warmup")
-    if args.response_tokens < 2 or args.prompt_tokens < 1:
-        p.error("--response-tokens must be >= 2 (a word and the EOS), --prompt-tokens >= 1")
+    check_shared_args(p, args, args.max_seq_len, "--max-seq-len")
     if args.vocab < 4:
         p.error("--vocab must be >= 4 (3 special tokens and at least one word)")
-    if args.prompt_tokens + args.response_tokens > args.max_seq_len:
-        p.error("--prompt-tokens + --response-tokens must fit in --max-seq-len")
     if args.pairs < args.batch:
         p.error("--pairs must be >= --batch")
     return args

@@ -45,7 +45,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from dpo_record import step_fields  # benchmarks/dpo_record.py, beside this script (standard library only)
+from dpo_record import (
+    add_shared_args,
+    check_shared_args,
+    step_fields,
+)  # benchmarks/dpo_record.py, beside this script (standard library only)
 
 # Offline before anything imports a Hugging Face library (they read these at import time).
 for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -177,17 +181,8 @@ def run(args: argparse.Namespace, peer: ModuleType, workdir: str) -> dict[str, A
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peer-bench", type=Path, default=DEFAULT_PEER, help="the peer's trl_bench.py (its helpers)")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps")
-    p.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
-    p.add_argument("--batch", type=int, default=16, help="preference pairs per optimizer step")
-    p.add_argument("--pairs", type=int, default=1024, help="pairs in the synthetic training set")
-    p.add_argument("--prompt-tokens", type=int, default=8)
-    p.add_argument("--response-tokens", type=int, default=24, help="per response, its EOS included")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-4, help="this project's DPO default (TRL's is 1e-6)")
+    add_shared_args(p)
     p.add_argument("--precompute-ref", action="store_true", help="precompute_ref_log_probs=True (not TRL's default)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=1234)
     g = p.add_argument_group("model (the peer's flags)")
     g.add_argument("--vocab-size", type=int, default=300)
     g.add_argument("--n-layer", type=int, default=4)
@@ -195,12 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--n-embd", type=int, default=128)
     g.add_argument("--n-positions", type=int, default=128)
     args = p.parse_args(argv)
-    if args.steps <= args.warmup:
-        p.error("--steps must exceed --warmup")
-    if args.response_tokens < 2 or args.prompt_tokens < 1:
-        p.error("--response-tokens must be >= 2 (a word and the EOS), --prompt-tokens >= 1")
-    if args.prompt_tokens + args.response_tokens > args.n_positions:
-        p.error("--prompt-tokens + --response-tokens must fit in --n-positions")
+    check_shared_args(p, args, args.n_positions, "--n-positions")
     return args
 
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
-from test_ppo import RM_TINY, scalars
-from test_sft import TINY
+from test_ppo import base, scalars  # noqa: F401  (base: the shared fixture)
 
 from rlhf_lightning.checkpoint import load_checkpoint
 from rlhf_lightning.cli import main
@@ -34,18 +33,7 @@ DPO_TINY = ["--data.init_args.batch_size=8", "--trainer.max_steps=4", "--trainer
             "--model.init_args.eval.samples_per_prompt=2", *QUIET]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A folder holding a tiny world, SFT checkpoint and reward-model checkpoint (the configs' relative paths)."""
-    root = tmp_path_factory.mktemp("dpo_base")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        main(["fit", "-c", str(CONFIGS / "sft.yaml"), *TINY])
-        main(["fit", "-c", str(CONFIGS / "rm.yaml"), *RM_TINY])
-    return root
-
-
-def test_cli_end_to_end(base, monkeypatch):
+def test_cli_end_to_end(base, monkeypatch):  # noqa: F811
     monkeypatch.chdir(base)
     main(["--debug", "fit", "-c", "dpo", *DPO_TINY,
           "--model.init_args.reward_checkpoint=runs/rm/checkpoints/last.ckpt"])  # fmt: skip
@@ -70,7 +58,7 @@ def test_cli_end_to_end(base, monkeypatch):
     assert (base / "dpo_export/config.json").is_file()
 
 
-def test_a_failure_preset_and_the_diagnosis_of_the_run(base, tmp_path, monkeypatch, capsys):
+def test_a_failure_preset_and_the_diagnosis_of_the_run(base, tmp_path, monkeypatch, capsys):  # noqa: F811
     """`rlhf fit -c dpo --preset failures/dpo_small_beta` runs the preset's dpo part (the tiny overrides after it
     win), and `rlhf diagnose` reads the run: the KL detectors on eval/kl, DPO's beta no KL coefficient."""
     for name in ("world", "sft", "rm"):
@@ -118,7 +106,7 @@ class RefCalls(Callback):
         self.training = False
 
 
-def test_reference_logps_are_cached_and_the_reference_never_runs_in_a_training_step(base, tmp_path):
+def test_reference_logps_are_cached_and_the_reference_never_runs_in_a_training_step(base, tmp_path):  # noqa: F811
     dm = PreferenceDataModule(data_dir=str(base / "runs/world"), batch_size=8, eval_prompts=4,
                               tokenizer_path=str(base / "runs/sft/checkpoints/tokenizer.json"))  # fmt: skip
     module = DPOModule(sft_checkpoint=str(base / "runs/sft/checkpoints/last.ckpt"), ref_batch_size=64,
@@ -137,7 +125,7 @@ def test_reference_logps_are_cached_and_the_reference_never_runs_in_a_training_s
     torch.testing.assert_close(pair_logps(module.ref_policy, batch), module.ref_logps_train[5:9])
 
 
-def test_first_loss_is_log_2_and_pair_logps_match_a_plain_forward(base):
+def test_first_loss_is_log_2_and_pair_logps_match_a_plain_forward(base):  # noqa: F811
     """Before any update the policy is the reference: every margin is 0 and the sigmoid loss is log 2. pair_logps
     equals the log-softmax of the plain logits summed over each response's tokens."""
     dm = PreferenceDataModule(data_dir=str(base / "runs/world"), batch_size=4,
@@ -167,7 +155,7 @@ def test_first_loss_is_log_2_and_pair_logps_match_a_plain_forward(base):
     [("beta=0", "beta must be > 0"), ("label_smoothing=0.5", r"label_smoothing must be in \[0, 0.5\)"),
      ("loss=ipo --model.init_args.label_smoothing=0.1", "applies to loss 'sigmoid' only")],
 )  # fmt: skip
-def test_bad_settings_stop_in_one_line(base, monkeypatch, capsys, setting, message):
+def test_bad_settings_stop_in_one_line(base, monkeypatch, capsys, setting, message):  # noqa: F811
     monkeypatch.chdir(base)
     words = [f"--model.init_args.{w.removeprefix('--model.init_args.')}" for w in setting.split()]
     with pytest.raises(SystemExit) as exit_info:
@@ -176,7 +164,7 @@ def test_bad_settings_stop_in_one_line(base, monkeypatch, capsys, setting, messa
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_best_of_n_command(base, tmp_path, capsys):
+def test_best_of_n_command(base, tmp_path, capsys):  # noqa: F811
     """``rlhf best-of-n`` through main: one row per n, n = 1 the SFT policy itself (KL 0), the proxy rising with n
     (the expected maximum of more samples), the analytic KL, and the JSON and markdown files."""
     out = tmp_path / "bon"
