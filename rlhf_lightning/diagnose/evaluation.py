@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from rlhf_lightning import tags
-from rlhf_lightning.diagnose.detectors import DETECTORS, gold_free, run_detectors
+from rlhf_lightning.diagnose.detectors import DETECTORS, GOLD_TAGS, gold_free, run_detectors
 from rlhf_lightning.diagnose.events import NoEventsError, read_run
 from rlhf_lightning.diagnose.history import History
 from rlhf_lightning.diagnose.selection import replay
@@ -266,12 +266,14 @@ def evaluate(
     detectors = [n for n in DETECTORS if gold_free(n)]
 
     # Thresholds: per detector, the grid point that ranks best on the calibration runs (the first of ties).
+    # Only the detector being calibrated runs, on the histories without gold (what run_detectors(gold=False) sees).
     thresholds: dict[str, dict[str, float]] = {}
+    blind = {r: histories[r].without(GOLD_TAGS) for r in calib}
     for name, grid in GRID.items():
         best = None
         for values in itertools.product(*grid.values()):
             kw = dict(zip(grid, values, strict=True))
-            warnings = {r: first_warnings(histories[r], {name: kw}).get(name) for r in calib}
+            warnings = {r: DETECTORS[name](blind[r], **kw).iteration for r in calib}
             s = score(calib, truths, warnings.get, defaults)
             if best is None or _rank(s) > best[0]:
                 best = (_rank(s), kw)
